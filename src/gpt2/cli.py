@@ -1,0 +1,71 @@
+"""``gpt2 <command>`` / ``python -m gpt2 <command>``: one entry point for every tool.
+
+Each command lives in its own module with ``main(argv) -> int``; the flat scripts of the
+original layout (``download_model.py``, ``encode.py``, ``train.py``, ...) call the same functions
+through :func:`script`. Modules are imported only when their command runs, so ``gpt2 --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .errors import UserError
+
+# command -> (module, help). Order is the order shown by --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("gpt2.download", "fetch a released model (124M, 355M, 774M, 1558M)"),
+    "encode": ("gpt2.encode", "encode text files into .npz or a memory-mapped .bin of tokens"),
+    "train": ("gpt2.train", "fine-tune a model, or train one from scratch"),
+    "sample": ("gpt2.sample_scripts:unconditional_main", "print unconditional samples"),
+    "interact": ("gpt2.sample_scripts:interactive_main", "complete prompts typed at a prompt"),
+    "tokenizer": ("gpt2.tokenizer_train", "train a byte-level BPE tokenizer on a corpus"),
+}
+
+
+def _resolve(target: str):
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func or "main")
+
+
+def run(func, argv: list[str] | None = None) -> int:
+    """Call a command's main, turning user errors and Ctrl-C into a message and an exit code."""
+    try:
+        return int(func(argv) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `gpt2 sample | head`
+        return 0
+
+
+def script(command: str) -> None:
+    """Entry point of the flat scripts: ``script("download")`` runs ``gpt2 download``."""
+    sys.exit(run(_resolve(COMMANDS[command][0]), sys.argv[1:]))
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: gpt2 <command> [options]   (gpt2 <command> --help for its flags)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return run(_resolve(COMMANDS[argv[0]][0]), argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""GPT-2 as a plain ``torch.nn.Module``, and the config that is a model directory's hparams.json.
+
+The module computes and nothing else: no file or network I/O, no prints, no device, precision,
+compile or distribution code (those are applied from outside, by the training and sampling
+modules). Parameter names follow OpenAI's release (``wte wpe h.{i}.ln_1 attn.c_attn attn.c_proj
+ln_2 mlp.c_fc mlp.c_proj ln_f``) so that weight conversion is a table, not a puzzle.
+
+    config = GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12)
+    model = GPT(config)
+    logits = model(tokens)                                  # [B, T] -> [B, T, n_vocab]
+    logits, present = model(tokens, use_cache=True)         # present: one (k, v) per layer
+    logits, present = model(next_token, past=present, use_cache=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# One layer's cache: keys and values, each [batch, heads, sequence, head_dim].
+LayerPast = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class GPTConfig:
+    """hparams.json: the five keys of OpenAI's release, plus dropout for training from scratch."""
+
+    n_vocab: int = 50257
+    n_ctx: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Build from hparams.json's contents; unknown keys are ignored, as the original did."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if not d["dropout"]:
+            del d["dropout"]  # keep hparams.json identical to the release's five keys
+        return d
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, past: LayerPast | None = None
+                ) -> tuple[torch.Tensor, LayerPast]:
+        B, T, E = x.shape
+        q, k, v = self.c_attn(x).split(E, dim=2)
+        # [batch, sequence, features] -> [batch, heads, sequence, head_dim]
+        q, k, v = (t.view(B, T, self.n_head, E // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        S = k.size(2)
+        dropout_p = self.dropout if self.training else 0.0
+        if S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        elif T == 1:
+            # One new token sees every cached position: no mask at all.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            # SDPA's is_causal aligns the mask to the top-left corner; with a cache the new
+            # queries sit at the bottom-right: query i may see key j iff j <= i + (S - T).
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, E)
+        return self.resid_drop(self.c_proj(y)), present
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU; the exact erf form differs by ~1e-3.
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, past: LayerPast | None = None
+                ) -> tuple[torch.Tensor, LayerPast]:
+        a, present = self.attn(self.ln_1(x), past)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.n_vocab, config.n_embd)
+        self.wpe = nn.Embedding(config.n_ctx, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.lm_head = nn.Linear(config.n_embd, config.n_vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2: logits = h @ wte^T
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation, residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+            elif name == "wpe.weight":
+                nn.init.normal_(p, std=0.01)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def num_params(self) -> int:
+        """Parameter count (the tied head counted once): 124,439,808 for 124M."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, tokens: torch.Tensor, past: list[LayerPast] | None = None
+                      ) -> tuple[torch.Tensor, list[LayerPast]]:
+        """Final layer-normed states [B, T, n_embd] and the new cache (one (k, v) per layer)."""
+        B, T = tokens.shape
+        past_len = 0 if past is None else past[0][0].size(2)
+        if past_len + T > self.config.n_ctx:
+            raise ValueError(f"sequence of {past_len + T} tokens is longer than n_ctx "
+                             f"({self.config.n_ctx})")
+        positions = torch.arange(past_len, past_len + T, device=tokens.device)
+        x = self.drop(self.wte(tokens) + self.wpe(positions))
+        present = []
+        for i, block in enumerate(self.h):
+            x, layer_present = block(x, None if past is None else past[i])
+            present.append(layer_present)
+        return self.ln_f(x), present
+
+    def forward(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
+                use_cache: bool = False):
+        """tokens [B, T] -> logits [B, T, n_vocab]; with use_cache, also the new cache."""
+        h, present = self.hidden_states(tokens, past)
+        logits = self.lm_head(h)
+        return (logits, present) if use_cache else logits
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits[:, :-1] predict tokens[:, 1:]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
