@@ -9,12 +9,13 @@
 """
 
 from .errors import UserError
-from .model import GPT, GPTConfig
 
 __version__ = "0.1.0"
 
 # Heavier pieces are imported on first use so `import gpt2` stays cheap.
 _LAZY = {
+    "GPT": "gpt2.model",
+    "GPTConfig": "gpt2.model",
     "load_model": "gpt2.checkpoint",
     "save_model": "gpt2.checkpoint",
     "resolve_model_dir": "gpt2.checkpoint",
@@ -23,7 +24,7 @@ _LAZY = {
     "sample_sequence": "gpt2.sample",
 }
 
-__all__ = ["GPT", "GPTConfig", "UserError", *_LAZY]
+__all__ = ["UserError", *_LAZY]
 
 
 def __getattr__(name):

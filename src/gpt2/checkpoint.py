@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .download import ALIASES
+from .download import MODELS as RELEASED_MODELS
 from .errors import UserError
 from .model import GPT, GPTConfig
-
-RELEASED_MODELS = ("124M", "355M", "774M", "1558M")
-ALIASES = {"117M": "124M", "345M": "355M"}  # the release's first, wrongly counted names
 
 WEIGHTS = "model.safetensors"
 HPARAMS = "hparams.json"

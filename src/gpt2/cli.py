@@ -21,6 +21,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("gpt2.sample_scripts:unconditional_main", "print unconditional samples"),
     "interact": ("gpt2.sample_scripts:interactive_main", "complete prompts typed at a prompt"),
     "tokenizer": ("gpt2.tokenizer_train", "train a byte-level BPE tokenizer on a corpus"),
+    "evaluate": ("gpt2.evaluate", "loss and perplexity of a model on a dataset"),
+    "generate": ("gpt2.generate", "generate samples from prompts to a file"),
+    "export": ("gpt2.export", "write a model as a Hugging Face or OpenAI release directory"),
+    "plot": ("gpt2.plot", "plot a run's training and validation loss"),
+    "lora": ("gpt2.lora", "merge a LoRA adapter into a plain model directory"),
+    "quickstart": ("gpt2.quickstart", "the README's demo: tokenizer + small GPT-2 on pydoc text"),
 }
 
 
