@@ -20,6 +20,7 @@ _LAZY = {
     "save_model": "gpt2.checkpoint",
     "resolve_model_dir": "gpt2.checkpoint",
     "get_encoder": "gpt2.encoder",
+    "load_encoder": "gpt2.encoder",
     "Encoder": "gpt2.encoder",
     "sample_sequence": "gpt2.sample",
 }
