@@ -1,0 +1,137 @@
+"""Optimizers, the learning-rate schedule, and optimizer state as plain tensors (no pickle).
+
+    opt = build_optimizer(model, "adamw", lr=3e-4, weight_decay=0.1)
+    for step in range(1, max_steps + 1):
+        set_lr(opt, lr_at(step, 3e-4, "cosine", warmup_steps=100, max_steps=max_steps))
+        ...
+    tensors, meta = optimizer_state(opt, model)     # -> safetensors + JSON
+    load_optimizer_state(opt, model, tensors, meta)
+
+The schedule is a pure function of the update number, so a resumed run needs to remember only
+its step count to continue on the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
+SCHEDULES = ("constant", "cosine")
+# Cosine decays to this fraction of the peak rate rather than to zero (as Chinchilla did).
+COSINE_FLOOR = 0.1
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split so that only matrices and embeddings are decayed.
+
+    Biases and layer-norm gains are left alone: decaying them towards zero only hurts. Tied
+    weights (lm_head = wte) appear once because named_parameters() deduplicates them.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0
+                    ) -> torch.optim.Optimizer:
+    """adam and sgd as the original (TF's Adam defaults: betas .9/.999, eps 1e-8), plus adamw
+    (decoupled weight decay) and adafactor (factored second moments: little optimizer memory)."""
+    groups = param_groups(model, weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def lr_at(step: int, lr: float, schedule: str = "constant", warmup_steps: int = 0,
+          max_steps: int | None = None) -> float:
+    """Learning rate for update number ``step`` (1-based): linear warm-up, then the schedule."""
+    if warmup_steps and step <= warmup_steps:
+        return lr * step / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        if not max_steps:
+            raise ValueError("the cosine schedule needs max_steps")
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+        floor = lr * COSINE_FLOOR
+        return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - floor)
+    raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's per-parameter state as ``{"<param name>/<key>": tensor}`` plus JSON
+    metadata (optimizer class, parameter names, non-tensor values), keyed by parameter *name* so
+    the file is readable and a mismatch with the model is detected instead of silently misapplied.
+    CPU tensors are the live state, not copies: write them out before the next step.
+    """
+    tensors, extra = {}, {}
+    params = _param_names(optimizer, model)
+    for name, p in params:
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous()
+            elif value is not None:
+                extra[f"{name}/{key}"] = value
+    meta = {"class": type(optimizer).__name__, "params": [n for n, _ in params], "extra": extra}
+    return tensors, meta
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
+                         tensors: dict[str, torch.Tensor], meta: dict) -> str | None:
+    """Fill the optimizer's state from :func:`optimizer_state`'s output.
+
+    Returns None on success, or a reason why the saved state does not fit this optimizer (other
+    class, other trainable parameters); the caller then starts with a fresh optimizer state.
+    """
+    params = _param_names(optimizer, model)
+    if meta.get("class") != type(optimizer).__name__:
+        return f"it was saved by {meta.get('class')}, this run uses {type(optimizer).__name__}"
+    if meta.get("params") != [n for n, _ in params]:
+        return "it was saved for a different set of trainable parameters"
+    state: dict[nn.Parameter, dict] = {}
+    for key, value in tensors.items():
+        name, _, slot = key.rpartition("/")
+        state.setdefault(name, {})[slot] = value
+    for key, value in meta.get("extra", {}).items():
+        name, _, slot = key.rpartition("/")
+        state.setdefault(name, {})[slot] = value
+    for name, p in params:
+        slots = state.get(name)
+        if not slots:
+            continue
+        for slot, value in slots.items():
+            # Step counters stay on the CPU as torch keeps them; the rest follows the parameter.
+            if isinstance(value, torch.Tensor):
+                # Copied: the optimizer updates its state in place and must not share it.
+                value = value.to(device=p.device if slot != "step" else "cpu",
+                                 dtype=p.dtype if value.is_floating_point() and slot != "step"
+                                 else value.dtype, copy=True)
+            slots[slot] = value
+        optimizer.state[p] = slots
+    return None
