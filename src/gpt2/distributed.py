@@ -82,7 +82,10 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device {name!r} (try cpu or cuda)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine")
@@ -123,10 +126,41 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# --- Horovod (train-horovod.py when horovod.torch is installed; UNTESTED here: Horovod 0.28.1
+# does not build against current PyTorch, see NOTES.md). Its ops stand in for the collectives.
+
+def init_horovod(hvd, device: str | None = "auto") -> DistInfo:
+    """hvd.init(), this rank's GPU pinned by local rank, and the matching DistInfo."""
+    hvd.init()
+    dev = pick_device(device, hvd.local_rank())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return DistInfo(hvd.rank(), hvd.size(), hvd.local_rank(), "horovod", dev)
+
+
+def horovod_optimizer(optimizer, model: torch.nn.Module, accumulation: int):
+    """Horovod's averaging optimizer, started from rank 0's weights and optimizer state."""
+    import horovod.torch as hvd
+
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         backward_passes_per_step=accumulation)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    return optimizer
+
+
+def _hvd():
+    import horovod.torch as hvd
+
+    return hvd
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     """The mean of a number over every rank (the number itself in a one-process run)."""
     if not info.enabled:
         return value
+    if info.launcher == "horovod":
+        return _hvd().allreduce(torch.tensor([value], dtype=torch.float64), op=_hvd().Average).item()
     t = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return t.item() / info.world_size
@@ -136,11 +170,43 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     """True on every rank if it is True on any: e.g. 'a stop was requested', so all stop together."""
     if not info.enabled:
         return flag
+    if info.launcher == "horovod":
+        return bool(_hvd().allreduce(torch.tensor([int(flag)]), op=_hvd().Max).item())
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's value of a small picklable object on every rank (e.g. a randomly drawn seed)."""
+    if not info.enabled:
+        return obj
+    if info.launcher == "horovod":
+        return _hvd().broadcast_object(obj, root_rank=0)
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's value of a small picklable object, in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    if info.launcher == "horovod":
+        return _hvd().allgather_object(obj)
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        _hvd().barrier() if info.launcher == "horovod" else dist.barrier()
+
+
+def lost_contact_message(info: DistInfo, exc: BaseException) -> str:
+    """One line for a collective that failed because another rank died or stopped answering."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(first) > 200:
+        first = first[:200] + "..."
+    return f"rank {info.rank}: lost contact with other ranks ({first})"

@@ -116,7 +116,7 @@ def memory_advice(est: MemoryEstimate, precision: str, memory_saving: bool, batc
 
 def check_fits(config: GPTConfig, batch_size: int, precision: str, optimizer: str,
                device: torch.device, only_transformer: bool = False, checkpointed_blocks: int = 0,
-               seq_len: int | None = None, force: bool = False) -> str:
+               seq_len: int | None = None, force: bool = False, fsdp_world_size: int = 1) -> str:
     """Estimate one training step's peak memory and compare it with the device's free memory.
 
     Returns a one-line summary to print; raises UserError with advice when the run clearly
@@ -125,7 +125,8 @@ def check_fits(config: GPTConfig, batch_size: int, precision: str, optimizer: st
     est = estimate_memory(config, batch_size, seq_len,
                           precision="fp32" if precision == "fp32" else "bf16",
                           optimizer=optimizer, activation_checkpointing=checkpointed_blocks,
-                          trainable="transformer" if only_transformer else "all")
+                          trainable="transformer" if only_transformer else "all",
+                          fsdp_world_size=fsdp_world_size)
     need = int(est.peak * HEADROOM)
     free = free_bytes(device)
     summary = (f"weights {human(est.params)}, gradients {human(est.grads)}, optimizer "

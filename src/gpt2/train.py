@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Seed for initialisation, data order, noise and dropout (default: "
                    "random; a resumed run keeps its own).")
     t.add_argument("--device", default=_D.device,
-                   help="cpu, cuda, cuda:1, ... (default: cuda if available).")
+                   help="cpu, cuda, cuda:1, ... (default: this process's GPU if there is one; "
+                   "a distributed run picks GPU LOCAL_RANK).")
     t.add_argument("--val_fraction", type=float, default=_D.val_fraction,
                    help="With --val_every and no --val_dataset or valid/ split: hold out this "
                    "fraction of the dataset (its last tokens) for validation; 0 validates on "
@@ -136,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="With --restore_from fresh: replace the run's existing checkpoints.")
     t.add_argument("--skip_memory_check", action="store_true",
                    help="Start even when the memory estimate exceeds the free memory.")
+
+    d = p.add_argument_group("distributed (torchrun / mpirun / srun; see README)")
+    d.add_argument("--fsdp", action="store_true",
+                   help="Shard parameters, gradients and optimizer state across the processes "
+                   "(FSDP2) instead of replicating them (DDP): for models whose Adam state does "
+                   "not fit on one device. Checkpoints are still saved whole.")
+    d.add_argument("--dist_timeout", metavar="MINUTES", type=float, default=_D.dist_timeout,
+                   help="Give up when another process has not answered for this long (a rank "
+                   "died or hangs) instead of waiting forever.")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--print_every", metavar="N", type=int, default=_D.print_every,

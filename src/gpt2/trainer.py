@@ -3,10 +3,15 @@
     from gpt2.trainer import TrainConfig, train
     train(TrainConfig(dataset="my.txt", model_name="124M", max_steps=1000))
 
-Everything around the model (device, precision, activation checkpointing, compile, and later
-DDP/FSDP) is applied by the small functions below rather than inside the model or the loop, and
-the loop keeps a ``rank``/``world_size`` notion so distributed training can slot in: only rank 0
-prints, samples and saves, and gradient accumulation goes through :func:`no_sync`.
+Everything around the model (device, precision, activation checkpointing, compile, DDP/FSDP)
+is applied by the small functions below rather than inside the model or the loop.
+
+Distributed runs (``torchrun``, ``mpirun``, ``srun``; see gpt2.distributed) wrap the model in
+DDP, or shard it with FSDP2 under ``--fsdp``. Every rank starts from the same weights and seed,
+draws its own windows, and averages gradients once per update (accumulation micro-steps skip the
+all-reduce through :func:`no_sync`). Validation is split across ranks and all-reduced; only rank
+0 prints, writes metrics and samples, and saves, while the others wait at a barrier. A stop
+request on any rank is shared at the step boundary, so all ranks stop at the same step.
 
 Resuming (``--restore_from latest``) restores weights, optimizer state, the step count (which
 fixes the learning-rate schedule's position), the moving average, the data sampler's position
@@ -31,8 +36,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import memory, optim
+from . import distributed, memory, optim
 from . import trainer_state as ts
+from .distributed import DistInfo, pick_device
 from .errors import UserError
 from .model import GPT, GPTConfig, lm_loss
 
@@ -90,6 +96,9 @@ class TrainConfig:
     dropout: float | None = None
     overwrite: bool = False
     skip_memory_check: bool = False
+    # distributed
+    fsdp: bool = False
+    dist_timeout: float = 10.0
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is loaded (one line, naming the flag)."""
@@ -109,6 +118,7 @@ class TrainConfig:
             value = getattr(self, flag)
             need(math.isfinite(value) and value >= 0, flag, "a number >= 0", value)
         need(self.max_steps is None or self.max_steps >= 0, "max_steps", ">= 0", self.max_steps)
+        need(self.dist_timeout > 0, "dist_timeout", "> 0 (minutes)", self.dist_timeout)
         need(0.0 <= self.noise < 1.0, "noise", "in [0, 1)", self.noise)
         need(0.0 <= self.top_p <= 1.0, "top_p", "in [0, 1]", self.top_p)
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)", self.val_fraction)
@@ -131,18 +141,6 @@ class TrainConfig:
 
 # --- device, precision, compile: the wrappers a distributed version will extend ---------------
 
-def pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r} (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """auto -> bf16 on a GPU that supports it, else fp32 (CPU autocast is slower than fp32)."""
     if precision != "auto":
@@ -164,9 +162,39 @@ def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 
 def no_sync(model: torch.nn.Module, last_micro_step: bool):
     """DDP syncs gradients on every backward; during accumulation only the last one needs to."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
+        model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
     if not last_micro_step and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def wrap_distributed(model: GPT, info: DistInfo, fsdp: bool) -> torch.nn.Module:
+    """DDP (a full replica per rank) or, with ``fsdp``, FSDP2 sharding per block then the root.
+
+    DDP broadcasts rank 0's weights when it wraps; FSDP2 does not, so every rank must already
+    hold the same weights (the same file, or the same seed for a fresh model).
+    """
+    if not info.enabled or info.launcher == "horovod":
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def freeze_non_transformer(model: GPT) -> None:
@@ -283,13 +311,13 @@ def _fmt_tokens(n: int) -> str:
 class Trainer:
     """One training run. ``Trainer(cfg).run()`` returns the exit code (0 = done or stopped)."""
 
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
         cfg.validate()
-        if world_size != 1:
-            raise UserError("distributed training is not supported yet (world_size must be 1)")
         self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
+        self.dist = dist_info
+        self.rank, self.world_size = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+        self.is_main = self.rank == 0
+        self.fsdp = cfg.fsdp and self.world_size > 1
         self.run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
         self.samples_dir = Path(cfg.samples_dir) / cfg.run_name
 
@@ -304,7 +332,9 @@ class Trainer:
         from .encoder import load_encoder
 
         cfg = self.cfg
-        self.device = pick_device(cfg.device)
+        if self.dist is None:
+            self.dist = DistInfo(device=pick_device(cfg.device))
+        self.device = self.dist.device
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" \
                 and not torch.cuda.is_bf16_supported():
@@ -333,6 +363,9 @@ class Trainer:
         opt_saved = ts.read_optimizer(source.model_dir) if source.resume else None
         self.seed = state["seed"] if state else (
             cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
+        # One seed for all ranks: a fresh model must start identical everywhere (FSDP does not
+        # broadcast), and each rank's data stream is then told apart by its rank alone.
+        self.seed = distributed.broadcast_object(self.seed, self.dist)
 
         if source.fresh_init:
             self.log(f"Initializing a new model from {source.model_dir / 'hparams.json'}")
@@ -354,27 +387,35 @@ class Trainer:
             freeze_non_transformer(model)
         if self.ckpt_blocks:
             memory.apply_activation_checkpointing(model, self.ckpt_blocks)
-        self.model = model  # the unwrapped module: saved, sampled from
+        # The module as built: its names are what gpt2.load_model expects. Under DDP it is the
+        # replica inside the wrapper; under FSDP its parameters become shards (DTensors).
+        self.model = model
+        self.wrapped = wrap_distributed(model, self.dist, self.fsdp)
         self.optimizer = optim.build_optimizer(model, cfg.optimizer, cfg.learning_rate,
                                                cfg.weight_decay)
+        if self.dist.launcher == "horovod":  # averaging happens in the optimizer instead of DDP
+            self.optimizer = distributed.horovod_optimizer(self.optimizer, model,
+                                                           cfg.accumulate_gradients)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         from .dataset import Sampler
 
         self.sampler = Sampler(self.train_chunks, seed=self.seed, rank=self.rank,
                                world_size=self.world_size, name=f"dataset {self.train_path}")
-        self.noise_rng = np.random.default_rng([self.seed, 1])
+        # Rank 0 keeps the one-process stream, so one process and rank 0 of many agree.
+        self.noise_rng = np.random.default_rng([self.seed, 1] if self.rank == 0
+                                               else [self.seed, 1, self.rank])
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.avg = [0.0, 0.0]
         if state is not None:
             self.restore(state, opt_saved)
         else:
             # Same seed, same run: dropout and anything else drawing from the global RNGs.
-            torch.manual_seed(self.seed)
-            np.random.seed(self.seed % 2**32)
-            random.seed(self.seed)
+            torch.manual_seed(self.seed + self.rank)  # dropout masks differ between ranks
+            np.random.seed((self.seed + self.rank) % 2**32)
+            random.seed(self.seed + self.rank)
         compile_on = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self.train_model = maybe_compile(model, compile_on)
+        self.train_model = maybe_compile(self.wrapped, compile_on)
         n_params = model.num_params()
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log(f"Model: {n_params:,} parameters ({n_train:,} trainable); {self.device}, "
@@ -382,12 +423,30 @@ class Trainer:
                  f"{cfg.accumulate_gradients} x {self.seq_len} tokens"
                  + (", compiled" if compile_on else "")
                  + (f", checkpointing {len(self.ckpt_blocks)} blocks" if self.ckpt_blocks else ""))
+        if self.dist.enabled:
+            self.log_effective_batch()
+        elif cfg.fsdp:
+            self.log("note: --fsdp has no effect in a one-process run (nothing to shard across)")
+
+    def log_effective_batch(self) -> None:
+        cfg = self.cfg
+        windows = cfg.batch_size * self.world_size * cfg.accumulate_gradients
+        self.log(f"Distributed: {self.world_size} processes ({self.dist.launcher}, "
+                 f"{'FSDP' if self.fsdp else 'DDP'}, {'nccl' if self.device.type == 'cuda' else 'gloo'}); "
+                 f"effective batch {cfg.batch_size} x {self.world_size} ranks x "
+                 f"{cfg.accumulate_gradients} accumulation = {windows} windows = "
+                 f"{windows * self.seq_len:,} tokens per update")
+        self.log(f"note: --learning_rate {cfg.learning_rate:g} applies to the gradient averaged over "
+                 f"the whole effective batch; it is not scaled with the number of processes. "
+                 f"Scale it by hand if you want (e.g. x{self.world_size} linear or "
+                 f"x{math.sqrt(self.world_size):.2f} square-root rule).")
 
     def check_memory(self) -> None:
         cfg = self.cfg
         summary = memory.check_fits(self.config, cfg.batch_size, self.precision, cfg.optimizer,
                                     self.device, cfg.only_train_transformer_layers,
-                                    len(self.ckpt_blocks), self.seq_len, cfg.skip_memory_check)
+                                    len(self.ckpt_blocks), self.seq_len, cfg.skip_memory_check,
+                                    fsdp_world_size=self.world_size if self.fsdp else 1)
         self.log(f"Memory estimate ({self.device.type}, {self.precision}, batch {cfg.batch_size} "
                  f"x {self.seq_len}): {summary}")
 
@@ -402,7 +461,12 @@ class Trainer:
             train_path = str(splits["train"])
             if val_path is None and splits.get("valid") is not None:
                 val_path = str(splits["valid"])
+        # Rank 0 encodes into the shared cache first; the others then read it (no race, one bar)
+        if not self.is_main:
+            distributed.barrier(self.dist)
         chunks = _load_chunks(train_path, self.encoder, cfg)  # prints "dataset has N tokens"
+        if self.is_main:
+            distributed.barrier(self.dist)
         _check_vocab(chunks, self.config.n_vocab, train_path)
         longest = max(len(c) for c in chunks)
         if longest < self.seq_len:
@@ -436,17 +500,26 @@ class Trainer:
         self.elapsed = state.get("elapsed", 0.0)
         self.avg = list(state.get("avg", [0.0, 0.0]))
         if opt_saved is not None:
-            problem = optim.load_optimizer_state(self.optimizer, self.model, *opt_saved)
+            problem = self.load_optimizer(*opt_saved)
             if problem:
                 self.log(f"warning: not restoring the optimizer state: {problem}")
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
-        if "noise_rng" in state:
-            self.noise_rng.bit_generator.state = state["noise_rng"]
-        if "rng" in state:
-            ts.set_rng_state(state["rng"])
+        # Each rank's own RNGs when the run is resumed on as many ranks as it was saved from;
+        # otherwise rank 0's, and the other ranks keep the streams they were seeded with.
+        ranks = state.get("ranks") or [{k: state[k] for k in ("noise_rng", "rng") if k in state}]
+        if len(ranks) != self.world_size:
+            self.log(f"note: the checkpoint was saved by {len(ranks)} process(es), this run has "
+                     f"{self.world_size}: weights, optimizer, step and data position resume, "
+                     "per-rank random streams restart")
+        own = ranks[self.rank] if self.rank < len(ranks) and len(ranks) == self.world_size \
+            else (ranks[0] if self.rank == 0 else {})
+        if "noise_rng" in own:
+            self.noise_rng.bit_generator.state = own["noise_rng"]
+        if "rng" in own:
+            ts.set_rng_state(own["rng"])
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             self.log(f"checkpoint {self.source.model_dir} is at step {self.step}; "
                      f"--max_steps {self.cfg.max_steps} is already reached")
@@ -477,12 +550,15 @@ class Trainer:
             # Averaged over micro-batches (the original summed them: N x the step size).
             self.scaler.scale(loss / n).backward()
             losses.append(loss.detach())
-        loss = torch.stack(losses).mean().item()
+        # The logged loss is the mean over ranks; a NaN on any rank makes every rank skip.
+        loss = distributed.all_reduce_mean(torch.stack(losses).mean().item(), self.dist)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
+            # After DDP's all-reduce every rank clips the same averaged gradient (FSDP: the norm
+            # of the full gradient is computed across shards).
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -492,15 +568,26 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
+        """Mean loss over the fixed validation batches; each rank takes every world_size-th."""
         self.log("Calculating validation loss...")
-        self.train_model.eval()
-        losses = []
-        for batch in tqdm(self.val_batches, disable=not self.is_main):
-            tokens = torch.from_numpy(np.asarray(batch, dtype=np.int64)).to(self.device)
+        n, ws = len(self.val_batches), self.world_size
+        # FSDP's forward is a collective, so every rank runs as many batches (the padding ones
+        # count zero); DDP ranks use the plain module and need no such care.
+        mine = list(range(self.rank, -(-n // ws) * ws if self.fsdp else n, ws))
+        model = self.train_model if self.fsdp else self.model
+        model.eval()
+        total = count = 0.0
+        for i in tqdm(mine, disable=not self.is_main):
+            tokens = torch.from_numpy(np.asarray(self.val_batches[min(i, n - 1)],
+                                                 dtype=np.int64)).to(self.device)
             with autocast(self.device, self.precision):
-                losses.append(lm_loss(self.train_model(tokens), tokens).item())
-        self.train_model.train()
-        return float(np.mean(losses))
+                loss = lm_loss(model(tokens), tokens).item()
+            if i < n:
+                total, count = total + loss, count + 1
+        model.train()
+        # mean(sum) / mean(count) over ranks = sum / count over all batches
+        return distributed.all_reduce_mean(total, self.dist) / \
+            distributed.all_reduce_mean(count, self.dist)
 
     def generate_samples(self) -> None:
         from .sample import sample_sequence
@@ -515,10 +602,14 @@ class Trainer:
             # a document start looks like, and it keeps the data sampler's RNG untouched.
             context = torch.full((n, 1), self.eot, dtype=torch.long, device=self.device)
             with autocast(self.device, self.precision):
-                out = sample_sequence(self.model, self.sample_length, context, temperature=1.0,
+                # Under FSDP every rank must run the (sharded) forward; same seed, same text.
+                out = sample_sequence(self.train_model if self.fsdp else self.model,
+                                      self.sample_length, context, temperature=1.0,
                                       top_k=top_k, top_p=top_p,
                                       seed=self.seed * 1_000_003 + self.step * 1009 + len(texts))
             texts += [self.encoder.decode(row[1:].tolist()) for row in out]
+        if not self.is_main:
+            return
         formatted = [f"======== SAMPLE {i + 1} ========\n{text}\n" for i, text in enumerate(texts)]
         for block in formatted:
             self.log(block)
@@ -536,20 +627,83 @@ class Trainer:
             "config": cfg,
         }
 
-    def save(self) -> None:
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The optimizer state by parameter name; under FSDP gathered whole (a collective)."""
+        if not self.fsdp:
+            return optim.optimizer_state(self.optimizer, self.model)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(self.model, self.optimizer, options=_full_state_options())
+        tensors, extra = {}, {}
+        for name, slots in osd.get("state", {}).items():
+            for key, value in slots.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+                elif value is not None:
+                    extra[f"{name}/{key}"] = value
+        names = [n for g in osd.get("param_groups", []) for n in g["params"]]
+        return tensors, {"class": type(self.optimizer).__name__, "params": names, "extra": extra}
+
+    def load_optimizer(self, tensors: dict[str, torch.Tensor], meta: dict) -> str | None:
+        if not self.fsdp:
+            return optim.load_optimizer_state(self.optimizer, self.model, tensors, meta)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, \
+            set_optimizer_state_dict
+
+        # Every rank read the whole file; each keeps its own shard of it.
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if meta.get("class") != type(self.optimizer).__name__ or meta.get("params") != names:
+            return "it was saved for another optimizer or another set of trainable parameters"
+        state: dict[str, dict] = {}
+        for key, value in list(tensors.items()) + list(meta.get("extra", {}).items()):
+            name, _, slot = key.rpartition("/")
+            state.setdefault(name, {})[slot] = value
+        it = iter(names)
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [next(it) for _ in g["params"]]} for g in self.optimizer.param_groups]
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+        return None
+
+    def full_model(self) -> torch.nn.Module:
+        """The model to write: itself, or under FSDP a CPU copy of the gathered weights."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=_full_state_options())
         if not self.is_main:
-            return
+            return self.model
+        with torch.device("meta"):  # no second random initialisation of a large model
+            full = GPT(self.config)
+        full.load_state_dict(sd, strict=False, assign=True)
+        full.lm_head.weight = full.wte.weight  # assign=True untied them
+        missing = [n for n, p in full.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"FSDP gather did not return {missing[:3]}")
+        return full
+
+    def save(self) -> None:
+        """Collective: gathers what every rank holds, rank 0 writes, the others wait for it."""
         path = self.run_dir / f"model-{self.step}"
         self.log(f"Saving {path}")
-        tensors, meta = optim.optimizer_state(self.optimizer, self.model)
-        state = self.trainer_state()
-        if state["scaler"] is None:
-            del state["scaler"]
-        remove_others = self.cfg.restore_from == "fresh" and self.cfg.overwrite \
-            and not self._fresh_cleaned
-        ts.save_checkpoint(self.run_dir, self.step, self.model, tensors, meta, state,
-                           encoder_dir=self.source.model_dir, keep=self.cfg.keep_checkpoints,
-                           remove_others=remove_others)
+        model = self.full_model()
+        tensors, meta = self.optimizer_state()
+        ranks = distributed.all_gather_object(
+            {"noise_rng": self.noise_rng.bit_generator.state, "rng": ts.rng_state()}, self.dist)
+        if self.is_main:
+            state = self.trainer_state()
+            state["ranks"] = ranks
+            state["world_size"] = self.world_size
+            if state["scaler"] is None:
+                del state["scaler"]
+            remove_others = self.cfg.restore_from == "fresh" and self.cfg.overwrite \
+                and not self._fresh_cleaned
+            ts.save_checkpoint(self.run_dir, self.step, model, tensors, meta, state,
+                               encoder_dir=self.source.model_dir, keep=self.cfg.keep_checkpoints,
+                               remove_others=remove_others)
+        # No rank races ahead (or exits) before the checkpoint is on disk.
+        distributed.barrier(self.dist)
         self._fresh_cleaned = True
         self.last_saved = self.step
 
@@ -566,8 +720,9 @@ class Trainer:
     def run(self) -> int:
         self.setup()
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ts.truncate_metrics(self.run_dir, self.step)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ts.truncate_metrics(self.run_dir, self.step)
         self._fresh_cleaned = False
         self.last_saved = self.step if self.source.resume else None
         tokens_per_step = cfg.batch_size * cfg.accumulate_gradients * self.seq_len * self.world_size
@@ -581,7 +736,9 @@ class Trainer:
                 self.log(f"[0 | {self.elapsed_now():2.2f}] validation loss = {val:2.2f}")
                 self.write_metrics({"step": 0, "tokens": 0, "elapsed": self.elapsed_now(),
                                     "val_loss": val})
-            while not stop.requested and (cfg.max_steps is None or self.step < cfg.max_steps):
+            # A stop seen by any rank stops them all at the same step boundary.
+            while not distributed.broadcast_flag(stop.requested, self.dist) and \
+                    (cfg.max_steps is None or self.step < cfg.max_steps):
                 t0 = time.time()
                 optim.set_lr(self.optimizer, lr := optim.lr_at(
                     self.step + 1, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps,
@@ -614,13 +771,38 @@ class Trainer:
                     self.generate_samples()
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-            if stop.requested:
+            if distributed.broadcast_flag(stop.requested, self.dist):
                 self.log("interrupted")
             if self.last_saved != self.step:
                 self.save()
         return 0
 
 
-def train(cfg: TrainConfig) -> int:
-    """Run training as ``gpt2 train`` does; returns the exit code."""
-    return Trainer(cfg).run()
+def _is_comm_error(e: BaseException) -> bool:
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
+
+
+def train(cfg: TrainConfig, dist_info: DistInfo | None = None) -> int:
+    """Run training as ``gpt2 train`` does; returns the exit code.
+
+    Started by a launcher (torchrun, mpirun, srun) it joins the process group first; a rank that
+    dies or hangs makes the others fail after --dist_timeout minutes with one line, not a hang.
+    """
+    cfg.validate()
+    own_group = dist_info is None
+    info = dist_info or distributed.init(cfg.device, cfg.dist_timeout)
+    try:
+        return Trainer(cfg, info).run()
+    except UserError:
+        raise
+    except Exception as e:
+        if info.enabled and _is_comm_error(e):
+            raise UserError(distributed.lost_contact_message(info, e)) from None
+        raise
+    finally:
+        if own_group:
+            distributed.shutdown()
