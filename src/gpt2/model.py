@@ -10,6 +10,12 @@ ln_2 mlp.c_fc mlp.c_proj ln_f``) so that weight conversion is a table, not a puz
     logits = model(tokens)                                  # [B, T] -> [B, T, n_vocab]
     logits, present = model(tokens, use_cache=True)         # present: one (k, v) per layer
     logits, present = model(next_token, past=present, use_cache=True)
+
+    past = empty_kv_cache(config, batch=1, max_len=1024)    # optional: preallocated cache that
+    logits, present = model(tokens, past=past, use_cache=True)  # grows in place, no torch.cat
+
+    h, _ = model.hidden_states(tokens, use_cache=False)     # training without [B, T, V] logits
+    loss = chunked_lm_loss(h, model.lm_head.weight, tokens) # == lm_loss(model(tokens), tokens)
 """
 
 from __future__ import annotations
@@ -83,8 +89,7 @@ class Attention(nn.Module):
         # [batch, sequence, features] -> [batch, heads, sequence, head_dim]
         q, k, v = (t.view(B, T, self.n_head, E // self.n_head).transpose(1, 2) for t in (q, k, v))
         if past is not None:
-            k = torch.cat((past[0], k), dim=2)
-            v = torch.cat((past[1], v), dim=2)
+            k, v = _extend(past[0], k), _extend(past[1], v)
         present = (k, v)
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
@@ -100,6 +105,45 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, E)
         return self.resid_drop(self.c_proj(y)), present
+
+
+def _extend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """cached [B, H, S, D] followed by new [B, H, T, D] along the sequence.
+
+    A cache from :func:`empty_kv_cache` is a view into a buffer with room after it: the new keys
+    are written into that room and a longer view returned, so decoding copies T positions per
+    step instead of all S + T (torch.cat). Never while recording gradients: writing into a
+    buffer that earlier steps saved for backward would invalidate them.
+    """
+    B, H, S, D = cached.shape
+    T = new.size(2)
+    room = cached.untyped_storage().nbytes() // cached.element_size() - cached.storage_offset()
+    # The cache layout is [B, H, capacity, D]: the sequence stride tells the capacity.
+    capacity = cached.stride(1) // D if D else 0
+    if (torch.is_grad_enabled() or cached.stride(3) != 1 or cached.stride(2) != D
+            or cached.stride(0) != H * cached.stride(1) or S + T > capacity
+            or room < (B - 1) * cached.stride(0) + (H - 1) * cached.stride(1) + (S + T) * D
+            or new.dtype != cached.dtype or new.device != cached.device):
+        return torch.cat((cached, new), dim=2)
+    grown = cached.as_strided((B, H, S + T, D), cached.stride())
+    grown[:, :, S:].copy_(new)
+    return grown
+
+
+def empty_kv_cache(config: GPTConfig, batch: int, max_len: int | None = None,
+                   device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                   ) -> list[LayerPast]:
+    """A zero-length ``past`` backed by buffers for ``max_len`` positions (default n_ctx).
+
+    Pass it as ``past`` with ``use_cache=True`` (under ``torch.no_grad`` or inference mode) and
+    feed each returned ``present`` back: every step writes into the same buffers. The returned
+    caches share those buffers, so do not branch two continuations from one ``present``; a
+    cache that is full, or any use with gradients on, falls back to copying (torch.cat).
+    """
+    max_len = config.n_ctx if max_len is None else max_len
+    shape = (batch, config.n_head, max_len, config.head_dim)
+    return [tuple(torch.empty(shape, device=device, dtype=dtype)[:, :, :0] for _ in range(2))
+            for _ in range(config.n_layer)]
 
 
 class MLP(nn.Module):
@@ -159,9 +203,14 @@ class GPT(nn.Module):
         """Parameter count (the tied head counted once): 124,439,808 for 124M."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, tokens: torch.Tensor, past: list[LayerPast] | None = None
-                      ) -> tuple[torch.Tensor, list[LayerPast]]:
-        """Final layer-normed states [B, T, n_embd] and the new cache (one (k, v) per layer)."""
+    def hidden_states(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
+                      use_cache: bool = True) -> tuple[torch.Tensor, list[LayerPast]]:
+        """Final layer-normed states [B, T, n_embd] and the new cache (one (k, v) per layer).
+
+        ``use_cache=False`` returns an empty cache: training then does not hold every layer's
+        keys and values until the forward ends (with activation checkpointing they would be
+        the largest thing alive).
+        """
         B, T = tokens.shape
         past_len = 0 if past is None else past[0][0].size(2)
         if past_len + T > self.config.n_ctx:
@@ -172,17 +221,76 @@ class GPT(nn.Module):
         present = []
         for i, block in enumerate(self.h):
             x, layer_present = block(x, None if past is None else past[i])
-            present.append(layer_present)
+            if use_cache:
+                present.append(layer_present)
         return self.ln_f(x), present
 
     def forward(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
                 use_cache: bool = False):
         """tokens [B, T] -> logits [B, T, n_vocab]; with use_cache, also the new cache."""
-        h, present = self.hidden_states(tokens, past)
+        h, present = self.hidden_states(tokens, past, use_cache)
         logits = self.lm_head(h)
         return (logits, present) if use_cache else logits
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits[:, :-1] predict tokens[:, 1:]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    # Shift the targets, not the logits: logits[:, :-1] of a batch is not a view, and flattening
+    # it would copy the whole [B, T, V] tensor (and its gradient). The last position is ignored.
+    targets = F.pad(tokens[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                    chunk: int = 256) -> torch.Tensor:
+    """``lm_loss(hidden @ weight.T, tokens)`` computed ``chunk`` rows at a time.
+
+    hidden [B, T, E] (``model.hidden_states``), weight [V, E] (``model.lm_head.weight``), tokens
+    [B, T]. The full [B, T, V] logits are never held: each chunk's fp32 logits are turned into
+    its loss and, when gradients are wanted, straight into the gradients of hidden and weight,
+    which backward then only scales. Peak memory for the head is about ``chunk x V x 4`` bytes
+    instead of several ``B x T x V x 4``. Under autocast the matmuls run in the autocast dtype,
+    as the plain head would.
+    """
+    h = hidden[:, :-1].flatten(0, 1)
+    targets = tokens[:, 1:].flatten()
+    wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _ChunkedLMLoss.apply(h, weight, targets, chunk, wants_grad)
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, wants_grad: bool):
+        n = targets.numel()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if wants_grad and ctx.needs_input_grad[0] else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                  if wants_grad and ctx.needs_input_grad[1] else None)
+        for start in range(0, n, chunk):
+            h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
+            logits = (h_c @ weight.t()).float()
+            lse = logits.logsumexp(dim=-1)
+            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            if not wants_grad:
+                continue
+            # d(mean loss)/d(logits) = (softmax - one_hot) / n, built in place over the logits.
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(t_c.numel(), device=g.device), t_c] -= 1.0
+            g.div_(n)
+            # Written into place (out=, addmm_): no [V, E] temporary per chunk.
+            if grad_h is not None:
+                torch.mm(g.to(weight.dtype), weight, out=grad_h[start:start + chunk])
+            if grad_w is not None and h_c.dtype == torch.float32:
+                grad_w.addmm_(g.t(), h_c)
+            elif grad_w is not None:
+                grad_w += (g.t().to(h_c.dtype) @ h_c).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+                None, None, None)
