@@ -524,3 +524,33 @@ if __name__ == "__main__":
         "torch": torch.__version__, "tolerance": GOLDEN_TOL, "flags": GOLDEN_FLAGS,
         "losses": result}, indent=2) + "\n")
     print(f"wrote {GOLDEN}: {result}")
+
+
+def test_lora_trains_adapters_saves_a_plain_model_and_resumes_exactly(tmp_path, data, model_dir):
+    from gpt2.checkpoint import load_config, load_model, save_model
+    from gpt2.lora import read_lora_config
+
+    torch.manual_seed(0)  # a "pretrained" base to fine-tune: weights + the tiny encoder
+    model_dir = save_model(GPT(load_config(model_dir)), tmp_path / "base", encoder_dir=model_dir)
+    lora = ["--lora_rank", "4", "--lora_targets", "c_attn,c_proj"]
+    for run_name, steps in (("whole", 6), ("split", 3), ("split", 6)):
+        assert main(args(data, model_dir, *lora, init="pretrained", run_name=run_name,
+                         max_steps=steps, **RESUME_FLAGS)) == 0
+    whole, split = tmp_path / "checkpoint/whole", tmp_path / "checkpoint/split"
+    assert losses(split) == losses(whole)  # bitwise, across the resume
+    w1, w2 = weights(whole), weights(split)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+    # The run directory is a plain model directory (merged weights) plus the small adapter.
+    assert read_lora_config(whole / "adapter")["rank"] == 4
+    assert (whole / "adapter/adapter.safetensors").stat().st_size * 5 < \
+        (whole / "model.safetensors").stat().st_size
+    base, merged = weights(model_dir), load_model(whole).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".attn.c_attn.weight" in k or "c_proj.weight" in k for k in changed)
+
+
+def test_lora_refuses_fsdp_and_fresh(tmp_path, data, model_dir, capsys):
+    for extra in (["--fsdp"], ["--init", "fresh"]):
+        assert run(main, args(data, model_dir, "--lora_rank", "2", *extra)) == 1
+        assert "--lora_rank cannot be combined" in capsys.readouterr().err

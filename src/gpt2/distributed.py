@@ -123,6 +123,12 @@ def init(device: str | None = "auto", timeout_minutes: float = 10.0, environ=Non
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Leave together: a Gloo rank that tears its sockets down while a peer is still between
+        # its last collective and its own teardown can abort that peer ("terminate called").
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 

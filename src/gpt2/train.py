@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=_D.device,
                    help="cpu, cuda, cuda:1, ... (default: this process's GPU if there is one; "
                    "a distributed run picks GPU LOCAL_RANK).")
+    t.add_argument("--lora_rank", type=int, default=_D.lora_rank,
+                   help="Train rank-R LoRA adapters instead of all weights (0: off). Checkpoints "
+                   "hold the merged weights plus adapter/ (lora.json + adapter.safetensors).")
+    t.add_argument("--lora_alpha", type=float, default=_D.lora_alpha,
+                   help="LoRA scale alpha (the update is alpha/rank * B A; default 2 * rank).")
+    t.add_argument("--lora_targets", default=_D.lora_targets,
+                   help="Comma-separated layers to adapt: c_attn, c_proj, c_fc, attn.c_proj, "
+                   "mlp.c_proj.")
     t.add_argument("--val_fraction", type=float, default=_D.val_fraction,
                    help="With --val_every and no --val_dataset or valid/ split: hold out this "
                    "fraction of the dataset (its last tokens) for validation; 0 validates on "

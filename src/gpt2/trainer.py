@@ -98,6 +98,9 @@ class TrainConfig:
     skip_memory_check: bool = False
     # distributed
     fsdp: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: str = "c_attn"
     dist_timeout: float = 10.0
 
     def validate(self) -> None:
@@ -133,6 +136,13 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}",
              self.precision)
         need(self.init in ("pretrained", "fresh"), "init", "pretrained or fresh", self.init)
+        need(self.lora_rank >= 0, "lora_rank", ">= 0", self.lora_rank)
+        if self.lora_rank:
+            for flag, on in (("fsdp", self.fsdp), ("init fresh", self.init == "fresh"),
+                             ("only_train_transformer_layers",
+                              self.only_train_transformer_layers)):
+                if on:
+                    raise UserError(f"--lora_rank cannot be combined with --{flag}")
         if self.lr_schedule == "cosine" and not self.max_steps:
             raise UserError("--lr_schedule cosine needs --max_steps (the length of the decay)")
         if not self.run_name or os.sep in self.run_name or self.run_name in (".", ".."):
@@ -376,6 +386,9 @@ class Trainer:
             model = load_model(source.model_dir, device="cpu")
             if cfg.dropout is not None:
                 set_dropout(model, cfg.dropout)
+        self.lora_base = None
+        if cfg.lora_rank:
+            model = self.attach_lora(model, source)
         self.encoder = load_encoder(source.model_dir)
         self.eot = self.encoder.eot_token
 
@@ -440,6 +453,36 @@ class Trainer:
                  f"the whole effective batch; it is not scaled with the number of processes. "
                  f"Scale it by hand if you want (e.g. x{self.world_size} linear or "
                  f"x{math.sqrt(self.world_size):.2f} square-root rule).")
+
+    def attach_lora(self, model: GPT, source) -> GPT:
+        """--lora_rank: train adapters only. A LoRA checkpoint holds merged weights (a plain model
+        directory) plus adapter/; resuming puts that adapter back on the original base, so the
+        run continues exactly where it stopped."""
+        from .checkpoint import load_model
+        from .lora import apply_lora, count_trainable, load_lora, parse_targets, read_lora_config
+
+        cfg = self.cfg
+        adapter = source.model_dir / "adapter"
+        if source.resume and (adapter / "lora.json").is_file():
+            self.lora_base = read_lora_config(adapter).get("base_model")
+            if not self.lora_base:
+                raise UserError(f"{adapter / 'lora.json'}: no base_model to resume from")
+            self.log(f"Loading LoRA base {self.lora_base} and adapter {adapter}")
+            model = load_lora(load_model(self.lora_base, device="cpu"), adapter)
+            if cfg.dropout is not None:
+                set_dropout(model, cfg.dropout)
+        else:
+            self.lora_base = str(source.model_dir.resolve())
+            try:
+                targets = parse_targets(cfg.lora_targets)
+                with torch.random.fork_rng(devices=[]):  # the run's seed fixes the adapters' init
+                    torch.manual_seed(self.seed)
+                    apply_lora(model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, targets)
+            except ValueError as e:
+                raise UserError(f"--lora_targets: {e}") from None
+        trainable, total = count_trainable(model)
+        self.log(f"LoRA rank {cfg.lora_rank}: training {trainable:,} of {total:,} parameters")
+        return model
 
     def check_memory(self) -> None:
         cfg = self.cfg
@@ -688,6 +731,14 @@ class Trainer:
         path = self.run_dir / f"model-{self.step}"
         self.log(f"Saving {path}")
         model = self.full_model()
+        extra = None
+        if self.lora_base is not None:
+            from .lora import merged_model, save_lora
+
+            model = merged_model(self.model)  # the checkpoint stays a plain model directory
+
+            def extra(tmp: Path) -> None:
+                save_lora(self.model, tmp / "adapter", base_model=self.lora_base)
         tensors, meta = self.optimizer_state()
         ranks = distributed.all_gather_object(
             {"noise_rng": self.noise_rng.bit_generator.state, "rng": ts.rng_state()}, self.dist)
@@ -701,7 +752,7 @@ class Trainer:
                 and not self._fresh_cleaned
             ts.save_checkpoint(self.run_dir, self.step, model, tensors, meta, state,
                                encoder_dir=self.source.model_dir, keep=self.cfg.keep_checkpoints,
-                               remove_others=remove_others)
+                               remove_others=remove_others, extra=extra)
         # No rank races ahead (or exits) before the checkpoint is on disk.
         distributed.barrier(self.dist)
         self._fresh_cleaned = True
@@ -796,7 +847,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo | None = None) -> int:
     own_group = dist_info is None
     info = dist_info or distributed.init(cfg.device, cfg.dist_timeout)
     try:
-        return Trainer(cfg, info).run()
+        code = Trainer(cfg, info).run()
     except UserError:
         raise
     except Exception as e:
@@ -806,3 +857,11 @@ def train(cfg: TrainConfig, dist_info: DistInfo | None = None) -> int:
     finally:
         if own_group:
             distributed.shutdown()
+    if own_group and info.enabled:
+        # Everything is saved and the group is closed. Gloo's threads can still abort the
+        # interpreter's own teardown now and then ("terminate called without an active
+        # exception", exit 134), turning a finished run into a failure: leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

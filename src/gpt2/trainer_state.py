@@ -175,12 +175,13 @@ def _clean_stale(run_dir: Path) -> None:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
                     optimizer_tensors: dict[str, torch.Tensor], optimizer_meta: dict,
                     state: dict, encoder_dir: Path | None, keep: int = 5,
-                    remove_others: bool = False) -> Path:
+                    remove_others: bool = False, extra=None) -> Path:
     """Write ``run_dir/model-<step>`` atomically, point the run's top level at it, keep ``keep``.
 
     ``model`` must be the unwrapped module (not compiled, not DDP): its state dict names are the
     ones gpt2.load_model expects. ``remove_others`` drops every older checkpoint of the run (a
-    fresh start with --overwrite).
+    fresh start with --overwrite). ``extra(tmp_dir)`` may add files (e.g. a LoRA adapter) before
+    the checkpoint is renamed into place.
     """
     from safetensors.torch import save_file
 
@@ -194,6 +195,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE),
               metadata={"optimizer": json.dumps(optimizer_meta)})
     write_text_atomic(tmp / STATE_FILE, json.dumps(state, default=str))  # Paths in the config
+    if extra is not None:
+        extra(tmp)
 
     final = run_dir / f"model-{step}"
     old = None
@@ -209,6 +212,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     for f in sorted(final.iterdir()):
         if f.is_file():
             _link_or_copy(f, run_dir / f.name)
+        elif f.is_dir():  # e.g. adapter/: small, so a plain copy
+            shutil.rmtree(run_dir / f.name, ignore_errors=True)
+            shutil.copytree(f, run_dir / f.name)
     write_text_atomic(run_dir / COUNTER_FILE, f"{step}\n")
 
     for n, path in list_checkpoints(run_dir):
