@@ -85,7 +85,8 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r} (try cpu or cuda)") from None
+        raise UserError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)"
+                        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine")

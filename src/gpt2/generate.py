@@ -54,16 +54,10 @@ def find_model_dir(text: str) -> Path:
 
 
 def device_arg(name: str | None) -> torch.device:
-    """``--device``: default cuda when available, else cpu; a clear error for a bad name."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    """``--device``: one rule for every command (gpt2.distributed.pick_device)."""
+    from .distributed import pick_device
+
+    return pick_device(name)
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

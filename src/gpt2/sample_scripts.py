@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from .distributed import pick_device
 from .errors import UserError
 from .sample import sample_sequence
 
@@ -79,19 +80,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top_p must be in [0, 1] (1 disables it), got {args.top_p}")
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)"
-                        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _load(args: argparse.Namespace):
     """(model, encoder, generator) for the parsed flags."""
     from .checkpoint import load_model, resolve_model_dir
@@ -99,7 +87,7 @@ def _load(args: argparse.Namespace):
 
     models_dir = os.path.expandvars(os.path.expanduser(args.models_dir))
     model_dir = resolve_model_dir(args.model_name, models_dir=models_dir, model_dir=args.model_dir)
-    device = _device(args.device)
+    device = pick_device(args.device)
     enc = load_encoder(model_dir)
     model = load_model(model_dir, device=device)
     if enc.eot_token is not None and not 0 <= enc.eot_token < model.config.n_vocab:
