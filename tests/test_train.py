@@ -407,6 +407,46 @@ def test_cli_error_has_no_traceback(tmp_path, model_dir):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+def test_tensorboard_logs_the_metrics_and_a_resume_rewrites_them(tmp_path, data, model_dir):
+    # The reader TensorBoard's own server uses (scalars and text are both tensors there).
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    flags = dict(max_steps=4, save_every=2, val_every=2, val_batch_count=2, sample_every=4,
+                 sample_length=6)
+    assert main(args(data, model_dir, "--tensorboard", **flags)) == 0
+    run_dir = tmp_path / "checkpoint/run1"
+    # A crash after step 4 was logged but before it was saved: the run resumes from step 2 and
+    # logs steps 3 and 4 again, which must replace the first ones, not add to them.
+    import shutil
+    shutil.rmtree(run_dir / "model-4")
+    (run_dir / "counter").write_text("2\n")
+    assert main(args(data, model_dir, "--tensorboard", **{**flags, "max_steps": 5})) == 0
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    rows = metrics(run_dir)
+    for tag, key in (("loss/train", "loss"), ("loss/val", "val_loss"), ("lr", "lr"),
+                     ("throughput/tokens_per_sec", "tokens_per_sec")):
+        got = [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in got] == [s for s, _ in want], tag
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+    assert [e.step for e in events.Tensors("loss/val")] == [0, 2, 4]
+    [sample] = events.Tensors("samples/1/text_summary")
+    assert sample.step == 4
+    text = make_ndarray(sample.tensor_proto).item().decode()
+    assert text == "```\n" + (tmp_path / "samples/run1/samples-4").read_text().split(
+        "========\n", 1)[1].rstrip("\n") + "\n```"
+
+
+def test_tensorboard_missing_is_one_line(tmp_path, data, model_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails
+    assert run(main, args(data, model_dir, "--tensorboard", max_steps=1)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --tensorboard needs") and "\n" not in err
+    assert not (tmp_path / "checkpoint").exists()
+
+
 # --- pieces ------------------------------------------------------------------------------------
 
 def test_noise_replaces_inputs_with_uniform_ids():

@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Checkpoints go to DIR/<run_name>/.")
     o.add_argument("--samples_dir", metavar="DIR", default=_D.samples_dir,
                    help="Samples go to DIR/<run_name>/samples-<step>.")
+    o.add_argument("--tensorboard", action="store_true",
+                   help="Also log loss, validation loss, learning rate, throughput and samples "
+                   "for TensorBoard, in <checkpoint_dir>/<run_name>/tensorboard (needs: pip install "
+                   "'gpt2[tensorboard]').")
+    o.add_argument("--tensorboard_dir", metavar="DIR", default=_D.tensorboard_dir,
+                   help="TensorBoard log folder (implies --tensorboard).")
     a("--config", metavar="FILE", help="JSON or YAML file of flag values (command line wins).")
     return p
 

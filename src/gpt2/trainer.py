@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed, memory, optim
+from . import distributed, memory, optim, tblog
 from . import trainer_state as ts
 from .distributed import DistInfo, pick_device
 from .errors import UserError
@@ -92,6 +92,8 @@ class TrainConfig:
     keep_checkpoints: int = 5
     checkpoint_dir: str = "checkpoint"
     samples_dir: str = "samples"
+    tensorboard: bool = False
+    tensorboard_dir: str | None = None
     init: str = "pretrained"
     dropout: float | None = None
     overwrite: bool = False
@@ -143,6 +145,8 @@ class TrainConfig:
                               self.only_train_transformer_layers)):
                 if on:
                     raise UserError(f"--lora_rank cannot be combined with --{flag}")
+        if self.tensorboard or self.tensorboard_dir:
+            tblog.require()
         if self.lr_schedule == "cosine" and not self.max_steps:
             raise UserError("--lr_schedule cosine needs --max_steps (the length of the decay)")
         if not self.run_name or os.sep in self.run_name or self.run_name in (".", ".."):
@@ -330,6 +334,7 @@ class Trainer:
         self.fsdp = cfg.fsdp and self.world_size > 1
         self.run_dir = Path(cfg.checkpoint_dir) / cfg.run_name
         self.samples_dir = Path(cfg.samples_dir) / cfg.run_name
+        self.tb: tblog.TensorBoardLog | None = None
 
     def log(self, *args, **kwargs) -> None:
         if self.is_main:
@@ -654,6 +659,8 @@ class Trainer:
         if not self.is_main:
             return
         formatted = [f"======== SAMPLE {i + 1} ========\n{text}\n" for i, text in enumerate(texts)]
+        if self.tb:
+            self.tb.samples(self.step, texts)
         for block in formatted:
             self.log(block)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
@@ -765,6 +772,8 @@ class Trainer:
         if self.is_main:
             with open(self.run_dir / ts.METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tb:
+                self.tb.write(record)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -774,6 +783,17 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ts.truncate_metrics(self.run_dir, self.step)
+            if cfg.tensorboard or cfg.tensorboard_dir:
+                self.tb = tblog.TensorBoardLog(
+                    Path(cfg.tensorboard_dir or self.run_dir / "tensorboard"), self.step)
+        try:
+            return self._loop()
+        finally:
+            if self.tb:
+                self.tb.close()
+
+    def _loop(self) -> int:
+        cfg = self.cfg
         self._fresh_cleaned = False
         self.last_saved = self.step if self.source.resume else None
         tokens_per_step = cfg.batch_size * cfg.accumulate_gradients * self.seq_len * self.world_size
