@@ -18,34 +18,20 @@ import torch
 
 from common import SHAPES, hf_twin, load_note, machine, setup, timed_interleaved
 
-from gpt2.model import GPT, empty_kv_cache
-from gpt2.sample import _next_token, sample_sequence
+import gpt2.model as gpt2_model
+from gpt2.model import GPT
+from gpt2.sample import sample_sequence
 
 
-@torch.inference_mode()
-def sample_static(model: GPT, length: int, context: torch.Tensor, top_k: int, seed: int
-                  ) -> torch.Tensor:
-    """sample_sequence's loop with the two changes this benchmark recommends for it.
-
-    1. Prefill computes logits for the last prompt position only (the others are never used).
-    2. The KV cache is preallocated (empty_kv_cache) and grows in place instead of by torch.cat.
-    Same filters and random stream as sample_sequence, so the same seed gives the same tokens.
-    """
-    gen = torch.Generator(context.device).manual_seed(seed)
-    B, T = context.shape
-    w = model.lm_head.weight
-    past = empty_kv_cache(model.config, B, T + length, device=w.device, dtype=w.dtype)
-    h, past = model.hidden_states(context, past)
-    logits = model.lm_head(h[:, -1])
-    out = torch.empty(B, T + length, dtype=torch.long, device=context.device)
-    out[:, :T] = context
-    for i in range(length):
-        token = _next_token(logits.float(), 1.0, top_k, 1.0, gen)
-        out[:, T + i] = token
-        if i < length - 1:
-            logits, past = model(token[:, None], past=past, use_cache=True)
-            logits = logits[:, -1]
-    return out
+def without_onednn(fn):
+    """``fn`` with every linear layer on ATen's default sgemm (the oneDNN decode path off)."""
+    def run():
+        saved, gpt2_model.ONEDNN_MAX_ROWS = gpt2_model.ONEDNN_MAX_ROWS, 0
+        try:
+            return fn()
+        finally:
+            gpt2_model.ONEDNN_MAX_ROWS = saved
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top_k", type=int, default=40)
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="weights' dtype (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--impl", default="ours,static,hf",
-                   help="comma list: ours (gpt2.sample.sample_sequence), static (the same loop "
-                        "with a preallocated cache and last-position prefill), hf (generate)")
+    p.add_argument("--impl", default="ours,sgemm,hf",
+                   help="comma list: ours (gpt2.sample.sample_sequence), sgemm (the same with "
+                        "the CPU oneDNN linear path off), hf (transformers generate)")
     p.add_argument("--warmup", type=int, default=0, help="extra untimed runs after the checked one")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -90,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             if "ours" in impls:
                 fns["ours"] = lambda: sample_sequence(ours, args.new, context, top_k=args.top_k,
                                                       seed=0)
-            if "static" in impls:
-                fns["static"] = lambda: sample_static(ours, args.new, context, args.top_k, seed=0)
+            if "sgemm" in impls:
+                fns["sgemm"] = without_onednn(lambda: sample_sequence(
+                    ours, args.new, context, top_k=args.top_k, seed=0))
             if hf is not None:
                 mask = torch.ones_like(context)
 
@@ -106,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in fns.items():  # a warmup run that checks the output, too
                 outs[name] = fn()
                 assert outs[name].shape == (batch, args.prompt + args.new), (name, outs[name].shape)
-            if "ours" in outs and "static" in outs and dtype == torch.float32:
-                assert torch.equal(outs["ours"], outs["static"]), "static cache changed the samples"
+            if "ours" in outs and "sgemm" in outs:  # fp32 rounding only: a rare token may differ
+                same = (outs["ours"] == outs["sgemm"]).float().mean().item()
+                print(f"# batch {batch}: ours and sgemm agree on {same:.1%} of the tokens")
             times = timed_interleaved(fns, args.warmup, args.iters, device)
             best = {name: min(t) for name, t in times.items()}
             for name, sec in best.items():

@@ -23,8 +23,7 @@ import torch
 
 from common import SHAPES, hf_twin, load_note, machine, peak_flops, setup, timed_interleaved
 
-from gpt2.model import GPT, lm_loss
-from gpt2.model import chunked_lm_loss
+from gpt2.model import GPT
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:
@@ -42,10 +41,8 @@ def make_step(impl: str, model, tokens: torch.Tensor, opt: torch.optim.Optimizer
             if impl == "hf":
                 # transformers shifts labels itself: same loss as lm_loss(logits, tokens).
                 return model(tokens, labels=tokens).loss
-            if impl == "chunked":
-                h, _ = model.hidden_states(tokens, use_cache=False)
-                return chunked_lm_loss(h, model.lm_head.weight, tokens)
-            return lm_loss(model(tokens), tokens)
+            # What the trainer runs: the loss inside the model's forward.
+            return model(tokens, targets=tokens, loss_chunk=256 if impl == "chunked" else 0)
 
     # Compile forward + loss (backward follows through AOTAutograd); the fused update stays eager.
     loss_fn = torch.compile(forward_loss) if compile else forward_loss
@@ -77,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each model's forward + loss (meant for CUDA)")
     p.add_argument("--impl", default="ours,hf",
-                   help="comma list: ours (logits + lm_loss), chunked (ours with chunked_lm_loss), "
-                        "hf (transformers' GPT2LMHeadModel with labels)")
+                   help="comma list: ours (model(tokens, targets=...): logits + lm_loss), "
+                        "chunked (the same with loss_chunk=256: chunked_lm_loss), hf (transformers' GPT2LMHeadModel with labels)")
     p.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
                    help="AdamW implementation, the same for both models")
     p.add_argument("--warmup", type=int, default=1)

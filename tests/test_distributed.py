@@ -85,7 +85,7 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 CFG = GPTConfig(n_vocab=61, n_ctx=16, n_embd=16, n_head=2, n_layer=2)
 
 
-def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str) -> None:
+def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str, chunk: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different init on each rank: DDP must broadcast rank 0's
@@ -97,15 +97,17 @@ def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str) -> None:
     mine = tokens[rank * 4:(rank + 1) * 4]
     for i, micro in enumerate((mine[:2], mine[2:])):
         with no_sync(ddp, last_micro_step=i == 1):
-            (lm_loss(ddp(micro), micro) / 2).backward()
+            # the loss inside DDP's forward, as the trainer computes it (chunked or not)
+            (ddp(micro, targets=micro, loss_chunk=chunk) / 2).backward()
     torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def test_ddp_gradient_equals_single_process_gradient(tmp_path):
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_ddp_gradient_equals_single_process_gradient(tmp_path, chunk):
     tokens = torch.randint(0, CFG.n_vocab, (8, CFG.n_ctx), generator=torch.Generator().manual_seed(3))
     out = str(tmp_path / "grads")
-    mp.start_processes(_ddp_worker, args=(free_port(), tokens, out), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(free_port(), tokens, out, chunk), nprocs=2,
                        start_method="spawn")
     model = GPT(CFG)
     model.load_state_dict(torch.load(out + ".init"))
@@ -159,7 +161,7 @@ def test_two_processes_follow_one_process_curve(tmp_path, data, model_dir):
 
 def test_fsdp_run_saves_a_whole_model_and_resumes(tmp_path, data, model_dir):
     out = ok(torchrun(args(data, model_dir, "--fsdp", max_steps=2, accumulate_gradients=2,
-                           val_every=1, val_batch_count=3), tmp_path))
+                           val_every=1, val_batch_count=3, loss_chunk=9), tmp_path))
     assert "FSDP" in out
     run_dir = tmp_path / "checkpoint" / "run1"
     model = load_model(run_dir)  # consolidated: loads with no process group

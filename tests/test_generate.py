@@ -41,9 +41,9 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.model, self.config, self.calls = model, model.config, []
 
-    def forward(self, tokens, past=None, use_cache=False):
+    def forward(self, tokens, past=None, use_cache=False, last_only=False):
         self.calls.append(tokens.size(0))
-        return self.model(tokens, past=past, use_cache=use_cache)
+        return self.model(tokens, past=past, use_cache=use_cache, last_only=last_only)
 
 
 def test_cut_at_stop():

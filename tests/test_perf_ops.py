@@ -4,18 +4,23 @@
 - lm_loss == a pure reference (slice the logits, mean cross-entropy written out by hand);
 - the preallocated KV cache gives the same logits as torch.cat growth and full recompute, writes
   into its buffers, and never does so while gradients are recorded;
+- the CPU oneDNN linear path (decoding) equals F.linear in float64 within fp32 rounding, and is
+  taken exactly when it should be;
 - memory_estimate's parameter shapes are GPT's, and its activation count matches what autograd
   actually saves (saved-tensor hooks) for our block.
 """
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
 from gpt2.memory_estimate import (GB, OPTIMIZERS, estimate_memory, optimizer_bytes,
                                   param_shapes)
-from gpt2.model import GPT, GPTConfig, chunked_lm_loss, empty_kv_cache, lm_loss
+import gpt2.model as model_module
+from gpt2.model import GPT, GPTConfig, Linear, chunked_lm_loss, empty_kv_cache, lm_loss
 
 
 def reference_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -145,6 +150,38 @@ def test_hidden_states_without_cache_returns_no_cache(tiny_config):
     h, present = model.hidden_states(tokens, use_cache=False)
     h2, present2 = model.hidden_states(tokens)
     assert present == [] and len(present2) == tiny_config.n_layer and torch.equal(h, h2)
+
+
+@pytest.mark.parametrize("shape,bias", [((1, 1, 64), True), ((16, 1, 64), False),
+                                        ((4, 16, 64), True), ((2, 200, 64), True)])
+def test_cpu_decoding_linear_equals_float64(shape, bias, monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(64, 1000, bias=bias)
+    x = torch.randn(shape)
+    if shape[1] > 1:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous input
+    exact = torch.nn.functional.linear(x.double(), layer.weight.double(),
+                                       None if layer.bias is None else layer.bias.double())
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(model_module, "_onednn_linear",
+                        lambda *a: calls.append(1) or real(*a), raising=False)
+    with torch.no_grad():
+        fast = layer(x)
+    assert fast.shape == exact.shape and fast.dtype == torch.float32
+    assert (fast.double() - exact).abs().max().item() < 1e-5
+    rows = x.numel() // x.size(-1)
+    assert bool(calls) == (rows <= model_module.ONEDNN_MAX_ROWS and model_module._onednn_available())
+    calls.clear()
+    y = layer(x)  # with gradients on: always the ordinary path
+    assert not calls and torch.equal(y.detach(), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the fast path is only promised on x86-64")
+def test_onednn_path_is_available_on_x86():
+    """CI's CPUs (x86-64, the standard torch wheel) must get the fast path, not the fallback."""
+    assert model_module._onednn_available()
 
 
 # --- memory estimate ---------------------------------------------------------------------------

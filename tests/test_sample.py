@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from gpt2.model import GPT, GPTConfig
-from gpt2.sample import sample_sequence, top_k_logits, top_p_logits
+from gpt2.sample import next_token, sample_sequence, top_k_logits, top_p_logits
 from gpt2.sample_scripts import interactive_main, unconditional_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,8 +147,9 @@ class Counter(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))
         self.calls = 0
 
-    def forward(self, tokens, past=None, use_cache=False):
+    def forward(self, tokens, past=None, use_cache=False, last_only=False):
         self.calls += 1
+        tokens = tokens[:, -1:] if last_only else tokens
         logits = 10.0 * nn.functional.one_hot((tokens + 1) % self.config.n_vocab,
                                               self.config.n_vocab).float()
         return (logits, past) if use_cache else logits
@@ -400,3 +401,19 @@ def test_missing_model_names_the_directory(tmp_path):
 
     with pytest.raises(UserError, match="does not exist"):
         unconditional_main(["--models_dir", str(tmp_path), "--model_name", "124M"])
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(4, 1.0, 1.0), (4, 0.8, 0.7), (0, 0.8, 1.3),
+                                                      (0, 1.0, 1.0), (10, 1.0, 2.0)])
+def test_next_token_draws_from_the_filtered_softmax(top_k, top_p, temperature):
+    """The draw among the top k alone has the distribution of masking the rest to -inf."""
+    g = torch.Generator().manual_seed(5)
+    row = 1.5 * torch.randn(10, generator=g)
+    expected = top_p_logits(top_k_logits(row[None] / temperature, top_k), top_p)[0].softmax(-1)
+    n = 40000
+    tokens = next_token(row.expand(n, -1), temperature, top_k, top_p, g)
+    freq = torch.bincount(tokens, minlength=10).double() / n
+    assert (freq[expected == 0] == 0).all()  # nothing outside the filters, ever
+    # 5 standard deviations of a binomial frequency
+    tol = 5 * (expected * (1 - expected) / n).sqrt() + 1e-9
+    assert ((freq - expected).abs() <= tol).all(), (freq, expected)

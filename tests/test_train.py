@@ -447,6 +447,34 @@ def test_tensorboard_missing_is_one_line(tmp_path, data, model_dir, monkeypatch,
     assert not (tmp_path / "checkpoint").exists()
 
 
+def test_chunked_loss_trains_like_the_plain_loss(tmp_path, data, model_dir, monkeypatch):
+    import gpt2.model
+    from gpt2.trainer import resolve_loss_chunk
+
+    flags = dict(max_steps=6, accumulate_gradients=2, optimizer="adamw", grad_clip=1.0,
+                 val_every=3, val_batch_count=2)
+    assert main(args(data, model_dir, run_name="plain", loss_chunk=0, **flags)) == 0
+    chunks, real = [], gpt2.model.chunked_lm_loss
+    monkeypatch.setattr(gpt2.model, "chunked_lm_loss",
+                        lambda *a, chunk: chunks.append(chunk) or real(*a, chunk=chunk))
+    assert main(args(data, model_dir, run_name="chunked", loss_chunk=7, **flags)) == 0
+    assert chunks and set(chunks) == {7}  # every training and validation loss went through it
+    plain, chunked = metrics(tmp_path / "checkpoint/plain"), metrics(tmp_path / "checkpoint/chunked")
+    for key in ("loss", "val_loss"):
+        a = [r[key] for r in plain if key in r]
+        b = [r[key] for r in chunked if key in r]
+        assert len(a) == len(b) > 1
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    w1 = weights(tmp_path / "checkpoint/plain")
+    w2 = weights(tmp_path / "checkpoint/chunked")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    gpt2_sized, small = GPTConfig(), GPTConfig(n_vocab=257)
+    assert resolve_loss_chunk(None, gpt2_sized, torch.device("cpu")) == 256
+    assert resolve_loss_chunk(None, small, torch.device("cpu")) == 0
+    assert resolve_loss_chunk(None, gpt2_sized, torch.device("cuda")) == 0
+    assert resolve_loss_chunk(64, gpt2_sized, torch.device("cuda")) == 64
+
+
 # --- pieces ------------------------------------------------------------------------------------
 
 def test_noise_replaces_inputs_with_uniform_ids():

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
-from .sample import top_k_logits, top_p_logits
+from .sample import next_token  # the rule sample_sequence uses: same seed, same tokens
 
 DELIMITER = "=" * 20
 
@@ -60,15 +60,6 @@ def device_arg(name: str | None) -> torch.device:
     return pick_device(name)
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    # The same rule as gpt2.sample.sample_sequence, so both give the same tokens for one seed.
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-
-
 def cut_at_stop(text: str, stop: list[str]) -> int | None:
     """Index of the earliest stop string in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
@@ -94,12 +85,12 @@ def generate_batch(model: torch.nn.Module, enc, context: list[int], n: int, leng
     model.eval()
     try:
         x = torch.tensor([context] * n, dtype=torch.long, device=device)
-        logits, past = model(x, use_cache=True)
+        logits, past = model(x, use_cache=True, last_only=True)
         tokens: list[list[int]] = [[] for _ in range(n)]
         texts: list[str | None] = [None] * n
         alive = list(range(n))  # rows still generating, in batch order
         for step in range(length):
-            new = _next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            new = next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             keep = []
             for j, (row, token) in enumerate(zip(alive, new.tolist())):
                 tokens[row].append(token)

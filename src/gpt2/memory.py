@@ -116,7 +116,8 @@ def memory_advice(est: MemoryEstimate, precision: str, memory_saving: bool, batc
 
 def check_fits(config: GPTConfig, batch_size: int, precision: str, optimizer: str,
                device: torch.device, only_transformer: bool = False, checkpointed_blocks: int = 0,
-               seq_len: int | None = None, force: bool = False, fsdp_world_size: int = 1) -> str:
+               seq_len: int | None = None, force: bool = False, fsdp_world_size: int = 1,
+               chunked_loss: bool = False) -> str:
     """Estimate one training step's peak memory and compare it with the device's free memory.
 
     Returns a one-line summary to print; raises UserError with advice when the run clearly
@@ -126,7 +127,7 @@ def check_fits(config: GPTConfig, batch_size: int, precision: str, optimizer: st
                           precision="fp32" if precision == "fp32" else "bf16",
                           optimizer=optimizer, activation_checkpointing=checkpointed_blocks,
                           trainable="transformer" if only_transformer else "all",
-                          fsdp_world_size=fsdp_world_size)
+                          fsdp_world_size=fsdp_world_size, chunked_loss=chunked_loss)
     need = int(est.peak * HEADROOM)
     free = free_bytes(device)
     summary = (f"weights {human(est.params)}, gradients {human(est.grads)}, optimizer "

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .model import empty_kv_cache
+
 
 def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits of each row (exactly k, even with ties); the rest -> -inf.
@@ -41,19 +43,37 @@ def top_p_logits(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    return torch.empty_like(logits).scatter(-1, order, _top_p_sorted(sorted_logits, p))
+
+
+def _top_p_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
+    """top_p_logits for logits already sorted in descending order along the last axis."""
+    if p >= 1.0:
+        return sorted_logits
     cumulative = sorted_logits.float().softmax(dim=-1).cumsum(dim=-1)
     keep = cumulative <= p
     keep[..., 0] = True
-    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    return torch.empty_like(logits).scatter(-1, order, sorted_logits)
+    return sorted_logits.masked_fill(~keep, float("-inf"))
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from last-position logits [B, V] -> [B]."""
+def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from last-position logits [B, V] -> [B].
+
+    Greedy for ``temperature=0`` or ``top_k=1``; else a draw from softmax(logits / temperature)
+    restricted by top-k (exactly k ids), then top-p (top_k_logits, top_p_logits).
+    """
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        # The same distribution as masking all but the top k to -inf, but the draw is among k
+        # values: torch.multinomial spends a random number on every id, 50,257 per row.
+        values, ids = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+        choice = torch.multinomial(_top_p_sorted(values, top_p).softmax(dim=-1), 1,
+                                   generator=generator)
+        return ids.gather(-1, choice).squeeze(1)
+    logits = top_p_logits(logits, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
@@ -68,6 +88,13 @@ def check_fits(context_len: int, length: int, n_ctx: int) -> None:
         fit = max(n_ctx + 1 - context_len, 0)
         raise ValueError(f"context of {context_len} tokens + length {length} exceeds the model's "
                          f"n_ctx {n_ctx} (at most {fit} new tokens fit)")
+
+
+def _cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype the attention keys and values will have: autocast's, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
 
 
 def sample_sequence(model: torch.nn.Module, length: int, context: torch.Tensor,
@@ -110,13 +137,18 @@ def sample_sequence(model: torch.nn.Module, length: int, context: torch.Tensor,
     model.eval()
     try:
         with torch.inference_mode():
-            logits, past = model(context, use_cache=True)
+            # The cache is written in place into buffers for the whole sequence (no torch.cat
+            # of every layer's keys and values per token), and the prompt's logits are needed
+            # for its last position only. Neither changes a single number.
+            past = empty_kv_cache(model.config, context.size(0), context.size(1) + length,
+                                  device=device, dtype=_cache_dtype(model, device))
+            logits, past = model(context, past=past, use_cache=True, last_only=True)
             done = torch.zeros(context.size(0), dtype=torch.bool, device=device)
             tokens = [context]
             bar = tqdm(total=length, desc="sampling", unit="tok", leave=False,
                        disable=None if progress is None else not progress)
             for step in range(length):
-                token = _next_token(logits[:, -1, :].float(), temperature, top_k, top_p,
+                token = next_token(logits[:, -1, :].float(), temperature, top_k, top_p,
                                     generator)
                 if stop_at_eot:
                     token = token.masked_fill(done, eot_token)

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the training data, as the original did.")
     t.add_argument("--overwrite", action="store_true",
                    help="With --restore_from fresh: replace the run's existing checkpoints.")
+    t.add_argument("--loss_chunk", metavar="ROWS", type=int, default=_D.loss_chunk,
+                   help="Compute the loss ROWS positions at a time, never holding the whole "
+                   "batch's logits (0: off; default: 256 on CPU for vocabularies of 16k+ ids, "
+                   "off on GPU).")
     t.add_argument("--skip_memory_check", action="store_true",
                    help="Start even when the memory estimate exceeds the free memory.")
 

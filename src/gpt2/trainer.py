@@ -40,7 +40,7 @@ from . import distributed, memory, optim, tblog
 from . import trainer_state as ts
 from .distributed import DistInfo, pick_device
 from .errors import UserError
-from .model import GPT, GPTConfig, lm_loss
+from .model import GPT, GPTConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,6 +98,7 @@ class TrainConfig:
     dropout: float | None = None
     overwrite: bool = False
     skip_memory_check: bool = False
+    loss_chunk: int | None = None
     # distributed
     fsdp: bool = False
     lora_rank: int = 0
@@ -139,6 +140,8 @@ class TrainConfig:
              self.precision)
         need(self.init in ("pretrained", "fresh"), "init", "pretrained or fresh", self.init)
         need(self.lora_rank >= 0, "lora_rank", ">= 0", self.lora_rank)
+        need(self.loss_chunk is None or self.loss_chunk >= 0, "loss_chunk", ">= 0",
+             self.loss_chunk)
         if self.lora_rank:
             for flag, on in (("fsdp", self.fsdp), ("init fresh", self.init == "fresh"),
                              ("only_train_transformer_layers",
@@ -162,6 +165,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def resolve_loss_chunk(loss_chunk: int | None, config: GPTConfig, device: torch.device) -> int:
+    """None (auto) -> 256-row chunks for a GPT-2-sized vocabulary on the CPU, else 0 (plain).
+
+    Measured on CPU (bench/RESULTS.md): +6-9% per 124M step and no [B, T, V] logits; with a
+    vocabulary of a few thousand ids the logits are small and chunking costs 4-9%. On CUDA it
+    stays off until measured there (fused cross-entropy under torch.compile is the peer).
+    """
+    if loss_chunk is not None:
+        return loss_chunk
+    return 256 if device.type == "cpu" and config.n_vocab >= 16384 else 0
 
 
 def autocast(device: torch.device, precision: str):
@@ -365,6 +380,7 @@ class Trainer:
         if self.sample_length > config.n_ctx:
             raise UserError(f"--sample_length {self.sample_length} is longer than the model's "
                             f"n_ctx ({config.n_ctx})")
+        self.loss_chunk = resolve_loss_chunk(cfg.loss_chunk, config, self.device)
         self.ckpt_blocks = []
         if cfg.memory_saving_gradients:
             try:
@@ -494,7 +510,8 @@ class Trainer:
         summary = memory.check_fits(self.config, cfg.batch_size, self.precision, cfg.optimizer,
                                     self.device, cfg.only_train_transformer_layers,
                                     len(self.ckpt_blocks), self.seq_len, cfg.skip_memory_check,
-                                    fsdp_world_size=self.world_size if self.fsdp else 1)
+                                    fsdp_world_size=self.world_size if self.fsdp else 1,
+                                    chunked_loss=self.loss_chunk > 0)
         self.log(f"Memory estimate ({self.device.type}, {self.precision}, batch {cfg.batch_size} "
                  f"x {self.seq_len}): {summary}")
 
@@ -594,7 +611,7 @@ class Trainer:
             inputs = torch.from_numpy(self.add_noise(np.asarray(batch, dtype=np.int64)))
             inputs = inputs.to(self.device)
             with no_sync(self.train_model, i == n - 1), autocast(self.device, self.precision):
-                loss = lm_loss(self.train_model(inputs), targets)
+                loss = self.train_model(inputs, targets=targets, loss_chunk=self.loss_chunk)
             # Averaged over micro-batches (the original summed them: N x the step size).
             self.scaler.scale(loss / n).backward()
             losses.append(loss.detach())
@@ -629,7 +646,7 @@ class Trainer:
             tokens = torch.from_numpy(np.asarray(self.val_batches[min(i, n - 1)],
                                                  dtype=np.int64)).to(self.device)
             with autocast(self.device, self.precision):
-                loss = lm_loss(model(tokens), tokens).item()
+                loss = model(tokens, targets=tokens, loss_chunk=self.loss_chunk).item()
             if i < n:
                 total, count = total + loss, count + 1
         model.train()
