@@ -4,6 +4,7 @@
     python bench/micro.py pad        # head matmul with the vocabulary padded 50257 -> 50304
     python bench/micro.py loss       # loss head forward+backward: old/new lm_loss, chunked_lm_loss
     python bench/micro.py decode     # one 124M decode step: torch.cat cache vs empty_kv_cache
+    python bench/micro.py linear     # CPU: F.linear (sgemm) vs oneDNN matmul, 1 to 1024 rows
 
 Each prints best-of-N milliseconds, the variants timed alternately (see common.timed_interleaved).
 """
@@ -96,9 +97,32 @@ def decode(device: torch.device) -> None:
                 {name: step(name) for name in state}, 2, 16, device))
 
 
+def linear(device: torch.device) -> None:
+    """The rule behind gpt2.model.Linear: which kernel wins for how many rows (CPU, fp32)."""
+    if device.type != "cpu":
+        print("linear: CPU only (the oneDNN path is a CPU kernel choice)")
+        return
+    torch.manual_seed(0)
+    E = 768
+    for rows in (1, 4, 16, 64, 256, 1024):
+        for k, n in ((E, 3 * E), (4 * E, E), (E, 50257)):
+            if rows >= 256 and n == 50257:
+                continue  # the head never runs on many rows without gradients outside eval
+            w, x = torch.randn(n, k, device=device), torch.randn(rows, k, device=device)
+            b = None if n == 50257 else torch.randn(n, device=device)
+            with torch.no_grad():
+                times = timed_interleaved({
+                    "F.linear": lambda: F.linear(x, w, b),
+                    "oneDNN": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+                }, 2, 7, device)
+            a, o = min(times["F.linear"]), min(times["oneDNN"])
+            print(f"rows {rows:5d}, [{k} -> {n}]: F.linear {a * 1e3:.2f} ms, oneDNN "
+                  f"{o * 1e3:.2f} ms, {a / o:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["adamw", "pad", "loss", "decode"], nargs="+")
+    p.add_argument("what", choices=["adamw", "pad", "loss", "decode", "linear"], nargs="+")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
