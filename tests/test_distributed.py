@@ -27,7 +27,8 @@ from gpt2.train import main as train_main
 from gpt2.trainer import no_sync
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import args, losses, make_model_dir, metrics, synthetic_text  # noqa: E402
+# The training tests' fixtures too: every test in its own folder and cache, a tiny model, data.
+from test_train import _isolated, args, data, losses, metrics, model_dir  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 ranks x batch b draw other windows than 1 rank x batch 2b, so the curves agree only
@@ -55,24 +56,6 @@ def torchrun(argv: list[str], cwd: Path, nproc: int = 2, timeout: float = 120
            str(REPO / "train.py"), *argv]
     return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def model_dir(tmp_path) -> Path:
-    return make_model_dir(tmp_path / "tiny")
-
-
-@pytest.fixture
-def data(tmp_path) -> Path:
-    path = tmp_path / "data.txt"
-    path.write_text(synthetic_text())
-    return path
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:

@@ -16,19 +16,11 @@ from gpt2.cli import run
 from gpt2.evaluate import evaluate, main, windows
 from gpt2.export import export_huggingface
 from gpt2.model import GPT, GPTConfig
+from helpers import make_model
 
 PROSE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it "
          "was the age of foolishness, it was the epoch of belief, it was the epoch of "
          "incredulity, it was the season of Light, it was the season of Darkness.\n") * 3
-
-
-def make_model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 def make_chunks(n_vocab: int, lengths=(1, 2, 15, 16, 17, 40, 33)) -> list[np.ndarray]:

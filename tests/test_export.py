@@ -17,6 +17,7 @@ from gpt2.encoder import load_encoder
 from gpt2.export import export_huggingface, export_release, main, release_name
 from gpt2.model import GPT, GPTConfig
 from gpt2.tf_checkpoint import read_tf_checkpoint
+from helpers import make_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,15 +27,6 @@ PROSE = ("The quick brown fox jumps over the lazy dog. It's 3:14 p.m. -- naïve 
          "<|endoftext|>A second document starts here.")
 HF_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt",
             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
-
-
-def make_model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 def hf_logits(path: Path, x: torch.Tensor) -> torch.Tensor:

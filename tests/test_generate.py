@@ -14,6 +14,7 @@ from gpt2.cli import run
 from gpt2.generate import DELIMITER, cut_at_stop, generate_batch, main, read_prompts
 from gpt2.model import GPT, GPTConfig
 from gpt2.sample import sample_sequence
+from helpers import make_model
 
 
 class CharEncoder:
@@ -23,15 +24,6 @@ class CharEncoder:
 
     def decode(self, ids) -> str:
         return "".join(chr(97 + i % 26) for i in ids)
-
-
-def make_model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 class CountingModel(torch.nn.Module):

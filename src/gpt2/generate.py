@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .sample import next_token  # the rule sample_sequence uses: same seed, same tokens
+from .sample_scripts import check_sampling_flags
 
 DELIMITER = "=" * 20
 
@@ -201,12 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be >= 1, got {value}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UserError(f"--top_k must be >= 0 (0 disables it), got {args.top_k}")
-    if not 0.0 <= args.top_p <= 1.0:
-        raise UserError(f"--top_p must be in [0, 1] (1 disables it), got {args.top_p}")
+    check_sampling_flags(args)
     args.stop = [unescape(s) for s in args.stop]
     prompts = args.prompt + (read_prompts(args.prompts) if args.prompts else [])
     conditional = bool(prompts)

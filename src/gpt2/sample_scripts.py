@@ -72,6 +72,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--nsamples must be >= 0, got {args.nsamples}")
     if args.length is not None and args.length < 1:
         raise UserError(f"--length must be >= 1, got {args.length}")
+    check_sampling_flags(args)
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """--temperature, --top_k, --top_p: the checks every sampling command shares."""
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k < 0:
