@@ -121,9 +121,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, past: LayerPast | None = None
                 ) -> tuple[torch.Tensor, LayerPast]:
         B, T, E = x.shape
-        q, k, v = self.c_attn(x).split(E, dim=2)
-        # [batch, sequence, features] -> [batch, heads, sequence, head_dim]
-        q, k, v = (t.view(B, T, self.n_head, E // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # [batch, sequence, 3 x features] -> 3 x [batch, heads, sequence, head_dim] (views)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, E // self.n_head).permute(
+            2, 0, 3, 1, 4).unbind(0)
         if past is not None:
             k, v = _extend(past[0], k), _extend(past[1], v)
         present = (k, v)
@@ -140,7 +140,8 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, E)
-        return self.resid_drop(self.c_proj(y)), present
+        y = self.c_proj(y)
+        return (self.resid_drop(y) if self.training else y), present
 
 
 def _extend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU; the exact erf form differs by ~1e-3.
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.drop(y) if self.training else y  # (a module call less per layer decoding)
 
 
 class Block(nn.Module):
