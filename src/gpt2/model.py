@@ -2,8 +2,9 @@
 
 The module computes and nothing else: no file or network I/O, no prints, no device, precision,
 compile or distribution code (those are applied from outside, by the training and sampling
-modules); its one kernel choice is oneDNN's matmul for CPU decoding (``Linear``). Parameter names follow OpenAI's release (``wte wpe h.{i}.ln_1 attn.c_attn attn.c_proj
-ln_2 mlp.c_fc mlp.c_proj ln_f``) so that weight conversion is a table, not a puzzle.
+modules); its one kernel choice is oneDNN's matmul for CPU decoding (``Linear``). Parameter
+names follow OpenAI's release (``wte wpe h.{i}.ln_1 attn.c_attn attn.c_proj ln_2 mlp.c_fc
+mlp.c_proj ln_f``) so that weight conversion is a table, not a puzzle.
 
     config = GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12)
     model = GPT(config)
@@ -74,7 +75,7 @@ class GPTConfig:
 
 
 # Inference on the CPU with few rows (decoding: one row per sequence) runs oneDNN's matmul,
-# which PyTorch ships for its compiler: 1.3-2.4x the default sgemm for 1-64 rows, slower from
+# which PyTorch ships for its compiler: 1.2-2.5x the default sgemm for 1-64 rows, slower from
 # ~256 rows (bench/micro.py linear). Same weights, no copies; results differ by fp32 rounding.
 ONEDNN_MAX_ROWS = 64
 _onednn: bool | None = None  # None: not probed yet

@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Samples go to DIR/<run_name>/samples-<step>.")
     o.add_argument("--tensorboard", action="store_true",
                    help="Also log loss, validation loss, learning rate, throughput and samples "
-                   "for TensorBoard, in <checkpoint_dir>/<run_name>/tensorboard (needs: pip install "
-                   "'gpt2[tensorboard]').")
+                   "for TensorBoard, in <checkpoint_dir>/<run_name>/tensorboard (needs: "
+                   "pip install 'gpt2[tensorboard]').")
     o.add_argument("--tensorboard_dir", metavar="DIR", default=_D.tensorboard_dir,
                    help="TensorBoard log folder (implies --tensorboard).")
     a("--config", metavar="FILE", help="JSON or YAML file of flag values (command line wins).")

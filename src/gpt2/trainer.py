@@ -106,6 +106,10 @@ class TrainConfig:
     lora_targets: str = "c_attn"
     dist_timeout: float = 10.0
 
+    @property
+    def wants_tensorboard(self) -> bool:
+        return self.tensorboard or self.tensorboard_dir is not None
+
     def validate(self) -> None:
         """Refuse impossible settings before anything is loaded (one line, naming the flag)."""
         def need(ok: bool, flag: str, what: str, value) -> None:
@@ -148,7 +152,7 @@ class TrainConfig:
                               self.only_train_transformer_layers)):
                 if on:
                     raise UserError(f"--lora_rank cannot be combined with --{flag}")
-        if self.tensorboard or self.tensorboard_dir:
+        if self.wants_tensorboard:
             tblog.require()
         if self.lr_schedule == "cosine" and not self.max_steps:
             raise UserError("--lr_schedule cosine needs --max_steps (the length of the decay)")
@@ -800,7 +804,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ts.truncate_metrics(self.run_dir, self.step)
-            if cfg.tensorboard or cfg.tensorboard_dir:
+            if cfg.wants_tensorboard:
                 self.tb = tblog.TensorBoardLog(
                     Path(cfg.tensorboard_dir or self.run_dir / "tensorboard"), self.step)
         try:
