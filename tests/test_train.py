@@ -188,6 +188,20 @@ def test_resume_equals_uninterrupted(tmp_path, data, model_dir):
     assert metrics(split)[-1]["tokens"] == 10 * 2 * 2 * 32
 
 
+def test_resume_outlives_the_pruned_checkpoint_it_started_from(tmp_path, data, model_dir):
+    # The checkpoint a run resumes from is pruned after --keep_checkpoints more saves; later
+    # saves must not need it (they copied its encoder files and failed once it was gone).
+    flags = dict(save_every=1, keep_checkpoints=2)
+    assert main(args(data, model_dir, max_steps=3, **flags)) == 0
+    assert main(args(data, model_dir, max_steps=10, **flags)) == 0
+    run_dir = tmp_path / "checkpoint/run1"
+    assert sorted(p.name for p in run_dir.glob("model-*")) == ["model-10", "model-9"]
+    assert (run_dir / "counter").read_text() == "10\n"
+    for path in (run_dir, run_dir / "model-10"):
+        assert (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file()
+        assert weights(path).keys() == weights(run_dir / "model-9").keys()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_completed_steps_and_resumes(tmp_path, data, model_dir, sig):
     flags = dict(run_name="sig", **RESUME_FLAGS)

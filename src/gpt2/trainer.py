@@ -415,6 +415,7 @@ class Trainer:
         if cfg.lora_rank:
             model = self.attach_lora(model, source)
         self.encoder = load_encoder(source.model_dir)
+        self.encoder_dir = source.model_dir
         self.eot = self.encoder.eot_token
 
         self.load_data()
@@ -778,9 +779,13 @@ class Trainer:
                 del state["scaler"]
             remove_others = self.cfg.restore_from == "fresh" and self.cfg.overwrite \
                 and not self._fresh_cleaned
-            ts.save_checkpoint(self.run_dir, self.step, model, tensors, meta, state,
-                               encoder_dir=self.source.model_dir, keep=self.cfg.keep_checkpoints,
-                               remove_others=remove_others, extra=extra)
+            saved = ts.save_checkpoint(self.run_dir, self.step, model, tensors, meta, state,
+                                       encoder_dir=self.encoder_dir,
+                                       keep=self.cfg.keep_checkpoints,
+                                       remove_others=remove_others, extra=extra)
+            # Later saves copy the encoder from the newest checkpoint, which pruning never
+            # removes; the directory the run started from may be pruned (a resumed run's).
+            self.encoder_dir = saved
         # No rank races ahead (or exits) before the checkpoint is on disk.
         distributed.barrier(self.dist)
         self._fresh_cleaned = True
