@@ -3,7 +3,7 @@
 # a corpus shipped with Python, a tokenizer trained on it, a small GPT-2 trained from scratch,
 # a sample, and the commands to fine-tune the real 124M model on your own text.
 #
-#   ./quickstart.sh                 # extra arguments go to python -m gpt2.quickstart
+#   ./quickstart.sh                 # extra arguments go to python -m gpt2 quickstart
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,8 +18,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "Installing torch==2.13.0"
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
-if ! .venv/bin/python -c "import gpt2.quickstart" 2>/dev/null; then
+if ! .venv/bin/python -c "import gpt2.commands.quickstart" 2>/dev/null; then
     echo "Installing gpt2 (pip install -e .)"
     .venv/bin/python -m pip install -q -e .
 fi
-exec .venv/bin/python -m gpt2.quickstart "$@"
+exec .venv/bin/python -m gpt2 quickstart "$@"

@@ -23,9 +23,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from gpt2 import distributed  # noqa: E402
 from gpt2.model import GPT, GPTConfig, lm_loss  # noqa: E402
-from gpt2.trainer import wrap_distributed  # noqa: E402
+from gpt2.train import distributed  # noqa: E402
+from gpt2.train.parallelize import parallelize  # noqa: E402
 
 SHAPES = {  # (n_embd, n_head, n_layer)
     "tiny": (128, 4, 2), "124M": (768, 12, 12), "355M": (1024, 16, 24),
@@ -50,7 +50,8 @@ def main() -> None:
     seq = min(a.seq, 1024) if a.model != "tiny" else min(a.seq, 128)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_vocab=vocab, n_ctx=seq, n_embd=e, n_head=h, n_layer=n)).to(dev)
-    wrapped = wrap_distributed(model, info, a.fsdp) if info.launcher != "none" else model
+    wrapped = parallelize(model, info, fsdp=a.fsdp, compile=False,
+                          checkpoint_blocks=[]).train_model
     if info.launcher != "none" and not info.enabled:  # torchrun with 1 process: DDP anyway
         import torch.distributed as dist
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import gpt2_vocab  # noqa: E402
 
-from gpt2.encoder import Encoder, load_encoder  # noqa: E402
+from gpt2.tokenizer import Encoder, load_encoder  # noqa: E402
 
 
 def timed(label: str, nbytes: int, fn) -> list:

@@ -26,7 +26,7 @@ import torch
 
 from common import SHAPES, load_note, machine, setup
 
-from gpt2.memory_estimate import GB, estimate_memory
+from gpt2.train.memory import GB, estimate_memory
 
 HERE = Path(__file__).resolve().parent
 BUDGET_GB = 24
@@ -39,15 +39,11 @@ OPTIONS = [
     ("+ memory saving (checkpoint every block)", {"activation_checkpointing": True}),
     ("bf16 autocast", {"precision": "bf16"}),
     ("bf16 + memory saving", {"precision": "bf16", "activation_checkpointing": True}),
-    ("bf16 + memory saving + 8-bit AdamW",
-     {"precision": "bf16", "activation_checkpointing": True, "optimizer": "adamw8bit"}),
     ("fp32 + memory saving + Adafactor",
      {"activation_checkpointing": True, "optimizer": "adafactor"}),
     ("bf16 + memory saving + Adafactor + chunked loss",
      {"precision": "bf16", "activation_checkpointing": True, "optimizer": "adafactor",
       "chunked_loss": True}),
-    ("pure bf16 (weights+AdamW state) + memory saving",
-     {"precision": "bf16-pure", "activation_checkpointing": True}),
     ("bf16 + memory saving, FSDP x2", {"precision": "bf16", "activation_checkpointing": True,
                                        "fsdp_world_size": 2}),
     ("bf16 + memory saving, FSDP x4", {"precision": "bf16", "activation_checkpointing": True,
@@ -87,7 +83,7 @@ def rss_bytes() -> int:
 
 def child(spec: dict) -> dict:
     """One measurement, in this (fresh) process: two training steps of one configuration."""
-    from gpt2.memory import apply_activation_checkpointing
+    from gpt2.train.parallelize import apply_activation_checkpointing
     from gpt2.model import GPT, chunked_lm_loss, lm_loss
 
     device = setup(spec["device"], spec["threads"])

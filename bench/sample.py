@@ -1,4 +1,4 @@
-"""Sampling throughput: gpt2.sample.sample_sequence against transformers' generate, same run.
+"""Sampling throughput: gpt2.sampling.sample_sequence against transformers' generate, same run.
 
 Both continue the same random prompt with the same weights (random ones: speed does not depend
 on the values), top-k sampling with the KV cache on, for exactly ``--new`` tokens (no early stop).
@@ -18,19 +18,19 @@ import torch
 
 from common import SHAPES, hf_twin, load_note, machine, setup, timed_interleaved
 
-import gpt2.model as gpt2_model
+from gpt2 import kernels
 from gpt2.model import GPT
-from gpt2.sample import sample_sequence
+from gpt2.sampling import sample_sequence
 
 
 def without_onednn(fn):
     """``fn`` with every linear layer on ATen's default sgemm (the oneDNN decode path off)."""
     def run():
-        saved, gpt2_model.ONEDNN_MAX_ROWS = gpt2_model.ONEDNN_MAX_ROWS, 0
+        saved, kernels.ONEDNN_MAX_ROWS = kernels.ONEDNN_MAX_ROWS, 0
         try:
             return fn()
         finally:
-            gpt2_model.ONEDNN_MAX_ROWS = saved
+            kernels.ONEDNN_MAX_ROWS = saved
     return run
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="weights' dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--impl", default="ours,sgemm,hf",
-                   help="comma list: ours (gpt2.sample.sample_sequence), sgemm (the same with "
+                   help="comma list: ours (gpt2.sampling.sample_sequence), sgemm (the same with "
                         "the CPU oneDNN linear path off), hf (transformers generate)")
     p.add_argument("--warmup", type=int, default=0, help="extra untimed runs after the checked one")
     p.add_argument("--iters", type=int, default=2)

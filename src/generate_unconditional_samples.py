@@ -9,7 +9,7 @@ the source tree without PYTHONPATH: Python puts this file's folder, src/, first 
 import sys
 
 from gpt2.cli import run
-from gpt2.sample_scripts import unconditional_main
+from gpt2.commands.sample import unconditional_main
 
 if __name__ == "__main__":
     sys.exit(run(unconditional_main, sys.argv[1:]))

@@ -12,7 +12,7 @@ first on sys.path.
 import sys
 
 from gpt2.cli import run
-from gpt2.sample_scripts import interactive_main
+from gpt2.commands.sample import interactive_main
 
 if __name__ == "__main__":
     sys.exit(run(interactive_main, sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""gpt2.dataset: files -> token chunks (ids checked against tiktoken), Sampler, splits."""
+"""gpt2.data: files -> token chunks (ids checked against tiktoken), Sampler, splits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpt2_vocab
-from gpt2 import dataset as D
+from gpt2.data import encode as data_encode
+from gpt2.data import sources
+from gpt2.data.dataset import load_dataset
+from gpt2.data.encode import encode_to_bin, pieces, splits_cleanly
+from gpt2.data.sampler import Sampler, validation_batches
+from gpt2.data.sources import expand_paths
+from gpt2.data.splits import find_corpus_splits, split_validation
 from gpt2.errors import UserError
 
 EOT = 50256
@@ -77,17 +83,17 @@ def texts_in_order() -> list[str]:
 
 
 def test_expand_paths_sorted_recursive_glob_and_errors(corpus, tmp_path):
-    rel = [p.relative_to(corpus).as_posix() for p in D.expand_paths(corpus)]
+    rel = [p.relative_to(corpus).as_posix() for p in expand_paths(corpus)]
     assert rel == sorted(DOCS)
-    assert [p.name for p in D.expand_paths(str(corpus / "**" / "*.txt"))] == ["a.txt", "c.txt", "e.txt"]
-    assert D.expand_paths(corpus / "a.txt") == [corpus / "a.txt"]
+    assert [p.name for p in expand_paths(str(corpus / "**" / "*.txt"))] == ["a.txt", "c.txt", "e.txt"]
+    assert expand_paths(corpus / "a.txt") == [corpus / "a.txt"]
     with pytest.raises(UserError, match="matches no files"):
-        D.expand_paths(tmp_path / "nothing*.txt")
+        expand_paths(tmp_path / "nothing*.txt")
 
 
 @pytest.mark.parametrize("combine", [0, 10**9])
 def test_load_dataset_ids_equal_tiktoken(corpus, enc, ref, tmp_path, combine):
-    chunks = D.load_dataset(corpus, enc, combine=combine, cache_dir=tmp_path / "cache", quiet=True)
+    chunks = load_dataset(corpus, enc, combine=combine, cache_dir=tmp_path / "cache", quiet=True)
     docs = texts_in_order()
     if combine == 0:  # one chunk per document, no separators inside
         assert [c.tolist() for c in chunks] == [ref.encode_ordinary(d) for d in docs]
@@ -100,7 +106,7 @@ def test_combine_is_minimum_characters_per_chunk(tmp_path, enc, ref):
     sizes = [30, 30, 100, 10, 10]
     for i, n in enumerate(sizes):
         (tmp_path / f"{i}.txt").write_text("x" * (n - 1) + "\n")
-    chunks = D.load_dataset(tmp_path / "*.txt", enc, combine=50, cache_dir=tmp_path / "c", quiet=True)
+    chunks = load_dataset(tmp_path / "*.txt", enc, combine=50, cache_dir=tmp_path / "c", quiet=True)
     # 30+30 >= 50 closes a chunk; 100 alone; the 10+10 leftover is the last chunk.
     docs = ["x" * (n - 1) + "\n" for n in sizes]
     assert [c.tolist() for c in chunks] == [joined(ref, docs[:2]), joined(ref, docs[2:3]),
@@ -118,7 +124,7 @@ def test_jsonl_and_csv_one_document_per_record(tmp_path, enc, ref):
         for r in recs:
             w.writerow([r, "x"])
     for name in ("a.jsonl", "b.csv"):
-        chunks = D.load_dataset(tmp_path / name, enc, combine=10**9, cache_dir=tmp_path / "c",
+        chunks = load_dataset(tmp_path / name, enc, combine=10**9, cache_dir=tmp_path / "c",
                                 quiet=True)
         assert [c.tolist() for c in chunks] == [joined(ref, recs)], name
 
@@ -126,15 +132,15 @@ def test_jsonl_and_csv_one_document_per_record(tmp_path, enc, ref):
 def test_bad_jsonl_record_names_file_and_line(tmp_path, enc):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(UserError, match=r"a\.jsonl:2: .*\"text\""):
-        D.load_dataset(tmp_path / "a.jsonl", enc, cache_dir=tmp_path / "c", quiet=True)
+        load_dataset(tmp_path / "a.jsonl", enc, cache_dir=tmp_path / "c", quiet=True)
 
 
 def test_undecodable_bytes_name_the_file(tmp_path, enc):
     (tmp_path / "ok.txt").write_text("fine")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1")
     with pytest.raises(UserError, match=r"bad\.txt: byte 3 is not valid utf-8"):
-        D.load_dataset(tmp_path, enc, cache_dir=tmp_path / "c", quiet=True)
-    chunks = D.load_dataset(tmp_path, enc, encoding="latin-1", combine=0,
+        load_dataset(tmp_path, enc, cache_dir=tmp_path / "c", quiet=True)
+    chunks = load_dataset(tmp_path, enc, encoding="latin-1", combine=0,
                             cache_dir=tmp_path / "c", quiet=True)
     assert enc.decode(chunks[0]) == "café latin-1"
 
@@ -142,9 +148,9 @@ def test_undecodable_bytes_name_the_file(tmp_path, enc):
 def test_empty_files_skipped_but_empty_data_is_an_error(tmp_path, enc, ref, capsys):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match="no text to encode"):
-        D.load_dataset(tmp_path / "empty.txt", enc, cache_dir=tmp_path / "c", quiet=True)
+        load_dataset(tmp_path / "empty.txt", enc, cache_dir=tmp_path / "c", quiet=True)
     (tmp_path / "full.txt").write_text("some text")
-    chunks = D.load_dataset(tmp_path / "*.txt", enc, cache_dir=tmp_path / "c")
+    chunks = load_dataset(tmp_path / "*.txt", enc, cache_dir=tmp_path / "c")
     assert [c.tolist() for c in chunks] == [ref.encode_ordinary("some text")]
     assert "empty.txt holds no text" in capsys.readouterr().err
 
@@ -152,51 +158,51 @@ def test_empty_files_skipped_but_empty_data_is_an_error(tmp_path, enc, ref, caps
 def test_corrupt_npz_is_a_user_error(tmp_path, enc):
     (tmp_path / "x.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(UserError, match=r"x\.npz: not a readable \.npz"):
-        D.load_dataset(tmp_path / "x.npz", enc, quiet=True)
+        load_dataset(tmp_path / "x.npz", enc, quiet=True)
 
 
 def test_npz_passes_through_and_mixes_with_text(tmp_path, enc, ref):
     arrays = [np.arange(10, 20), np.arange(5)]
     np.savez_compressed(tmp_path / "a.npz", *arrays)
-    chunks = D.load_dataset(tmp_path / "a.npz", enc, quiet=True)
+    chunks = load_dataset(tmp_path / "a.npz", enc, quiet=True)
     assert [c.tolist() for c in chunks] == [a.tolist() for a in arrays]
     (tmp_path / "b.txt").write_text("then text")
-    chunks = D.load_dataset(tmp_path, enc, cache_dir=tmp_path / "c", quiet=True)
+    chunks = load_dataset(tmp_path, enc, cache_dir=tmp_path / "c", quiet=True)
     assert [c.tolist() for c in chunks] == [a.tolist() for a in arrays] + [
         ref.encode_ordinary("then text")]
 
 
 def test_bin_round_trip_and_flat_layout(corpus, enc, ref, tmp_path):
     out = tmp_path / "out.bin"
-    index = D.encode_to_bin(corpus, out, enc, combine=60, workers=2, quiet=True)
+    index = encode_to_bin(corpus, out, enc, combine=60, workers=2, quiet=True)
     flat = np.fromfile(out, dtype=np.uint16)
     # The flat file is every document separated by the id; chunks are views into it.
     assert flat.tolist() == joined(ref, texts_in_order())
     assert index["dtype"] == "uint16" and index["n_tokens"] == len(flat)
     assert index["n_documents"] == len(DOCS)
-    chunks = D.load_dataset(out, enc, quiet=True)
+    chunks = load_dataset(out, enc, quiet=True)
     assert all(isinstance(c, np.memmap) for c in chunks)
     assert [c.tolist() for c in chunks] == [flat[s:s + n].tolist() for s, n in index["chunks"]]
     assert np.concatenate([np.append(c, EOT) for c in chunks])[:-1].tolist() == flat.tolist()
     with pytest.raises(UserError, match="index"):
         (tmp_path / "out.bin.json").unlink()
-        D.load_dataset(out, enc, quiet=True)
+        load_dataset(out, enc, quiet=True)
 
 
 @pytest.mark.parametrize("backend", ["process", "thread"])
 def test_streaming_pieces_give_whole_file_ids(tmp_path, enc, ref, monkeypatch, backend):
     # Tiny blocks and pieces so one file is cut hundreds of times, "\r\n" straddles blocks,
     # and tasks run on 2 worker processes; ids must equal encoding the file whole.
-    monkeypatch.setattr(D, "READ_BYTES", 997)
-    monkeypatch.setattr(D, "PIECE_CHARS", 300)
-    monkeypatch.setattr(D, "TASK_CHARS", 700)
+    monkeypatch.setattr(sources, "READ_BYTES", 997)
+    monkeypatch.setattr(data_encode, "PIECE_CHARS", 300)
+    monkeypatch.setattr(data_encode, "TASK_CHARS", 700)
     rng = np.random.default_rng(0)
     words = ["the", "  ", "\n", "\r\n", "\t", "GPT-2's", "漢字", "x", "  \n", "!!", "12", " "]
     text = "".join(rng.choice(words, size=40000))
     (tmp_path / "big.txt").write_bytes(text.encode())
     out = tmp_path / "big.bin"
-    D.encode_to_bin(tmp_path / "big.txt", out, enc, combine=0, workers=2, backend=backend,
-                    quiet=True)
+    encode_to_bin(tmp_path / "big.txt", out, enc, combine=0, workers=2, backend=backend,
+                  quiet=True)
     assert np.fromfile(out, dtype=np.uint16).tolist() == ref.encode_ordinary(
         (tmp_path / "big.txt").read_text())
 
@@ -209,13 +215,13 @@ class PrefixEncoder(TiktokenEncoder):
 
 
 def test_encoders_that_cannot_be_cut_get_whole_documents(tmp_path, ref, monkeypatch):
-    monkeypatch.setattr(D, "PIECE_CHARS", 10)
+    monkeypatch.setattr(data_encode, "PIECE_CHARS", 10)
     enc = PrefixEncoder(ref)
-    assert not D.splits_cleanly(enc)
+    assert not splits_cleanly(enc)
     docs = ["a long first document, " * 20, "and a second one " * 9]
     for i, d in enumerate(docs):
         (tmp_path / f"{i}.txt").write_text(d)
-    chunks = D.load_dataset(tmp_path, enc, combine=0, cache_dir=tmp_path / "c", quiet=True)
+    chunks = load_dataset(tmp_path, enc, combine=0, cache_dir=tmp_path / "c", quiet=True)
     assert [c.tolist() for c in chunks] == [[7] + ref.encode_ordinary(d) for d in docs]
 
 
@@ -224,20 +230,20 @@ def test_encoders_that_cannot_be_cut_get_whole_documents(tmp_path, ref, monkeypa
                                                          "'s", "  ", " \n", "\u3000"])).map("".join),
        st.integers(1, 12))
 def test_cut_points_never_change_ids(enc, text, piece):
-    pieces = [t for t, _, _ in D._pieces([(text, 0)], piece, splittable=True)]
-    assert "".join(pieces) == text
-    assert [i for p in pieces for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
+    cut = [t for t, _, _ in pieces([(text, 0)], piece, splittable=True)]
+    assert "".join(cut) == text
+    assert [i for p in cut for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
 
 
 def test_cache_reused_and_invalidated_by_content(corpus, enc, tmp_path, capsys):
     cache = tmp_path / "cache"
-    first = D.load_dataset(corpus, enc, cache_dir=cache)
+    first = load_dataset(corpus, enc, cache_dir=cache)
     assert "Using cached" not in capsys.readouterr().out
-    again = D.load_dataset(corpus, enc, cache_dir=cache)
+    again = load_dataset(corpus, enc, cache_dir=cache)
     assert "Using cached" in capsys.readouterr().out
     assert [c.tolist() for c in first] == [c.tolist() for c in again]
     (corpus / "a.txt").write_text("changed")
-    D.load_dataset(corpus, enc, cache_dir=cache, quiet=True)
+    load_dataset(corpus, enc, cache_dir=cache, quiet=True)
     assert len(list(cache.glob("*.bin"))) == 2
 
 
@@ -256,7 +262,7 @@ def test_sampler_reaches_every_valid_start_and_respects_boundaries():
     chunks = tagged_chunks([5, 2, 8, 3])
     L = 3
     valid = {(int(c[0]) + s) for c in chunks if len(c) >= L for s in range(len(c) - L + 1)}
-    sampler = Sampler = D.Sampler(chunks, seed=0)
+    sampler = Sampler(chunks, seed=0)
     seen = {}
     for _ in range(400):
         for w in sampler.sample_batch(4, L):
@@ -266,64 +272,64 @@ def test_sampler_reaches_every_valid_start_and_respects_boundaries():
     assert set(seen) == valid  # includes windows ending on a chunk's last token
     counts = np.array(list(seen.values()))
     assert counts.min() > 0.5 * counts.mean()  # uniform over starts, roughly
-    assert Sampler.n_tokens == 18
+    assert sampler.n_tokens == 18
 
 
 def test_sampler_seeded_ranks_and_resume():
     chunks = tagged_chunks([100, 50, 300])
-    a, b = D.Sampler(chunks, seed=7), D.Sampler(chunks, seed=7)
+    a, b = Sampler(chunks, seed=7), Sampler(chunks, seed=7)
     assert np.array_equal(a.sample_batch(4, 16), b.sample_batch(4, 16))
-    r1 = D.Sampler(chunks, seed=7, rank=1, world_size=2)
-    assert not np.array_equal(D.Sampler(chunks, seed=7).sample_batch(4, 16), r1.sample_batch(4, 16))
+    r1 = Sampler(chunks, seed=7, rank=1, world_size=2)
+    assert not np.array_equal(Sampler(chunks, seed=7).sample_batch(4, 16), r1.sample_batch(4, 16))
 
-    straight = D.Sampler(chunks, seed=3)
+    straight = Sampler(chunks, seed=3)
     expected = [straight.sample_batch(2, 10) for _ in range(6)]
-    first = D.Sampler(chunks, seed=3)
+    first = Sampler(chunks, seed=3)
     got = [first.sample_batch(2, 10) for _ in range(3)]
     state = json.loads(json.dumps(first.state_dict()))
-    resumed = D.Sampler(chunks, seed=None)
+    resumed = Sampler(chunks, seed=None)
     resumed.load_state_dict(state)
     got += [resumed.sample_batch(2, 10) for _ in range(3)]
     assert all(np.array_equal(x, y) for x, y in zip(expected, got))
-    assert D.Sampler(chunks).seed != D.Sampler(chunks).seed  # unseeded: random, but recorded
+    assert Sampler(chunks).seed != Sampler(chunks).seed  # unseeded: random, but recorded
 
 
 def test_sampler_too_little_data_is_a_clear_error():
     with pytest.raises(UserError, match="train.txt has no document of at least 1024 tokens"):
-        D.Sampler(tagged_chunks([1000, 10]), seed=0, name="train.txt").sample(1024)
-    assert len(D.Sampler(tagged_chunks([1024]), seed=0).sample(1024)) == 1024
+        Sampler(tagged_chunks([1000, 10]), seed=0, name="train.txt").sample(1024)
+    assert len(Sampler(tagged_chunks([1024]), seed=0).sample(1024)) == 1024
 
 
 def test_validation_batches_fixed():
     chunks = tagged_chunks([200, 300])
-    a = D.validation_batches(chunks, 3, 2, 32)
-    b = D.validation_batches(chunks, 3, 2, 32)
+    a = validation_batches(chunks, 3, 2, 32)
+    b = validation_batches(chunks, 3, 2, 32)
     assert len(a) == 3 and a[0].shape == (2, 32)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_split_validation_cuts_last_fraction():
     chunks = tagged_chunks([100, 70, 30])
-    train, val, msg = D.split_validation(chunks, 0.25)
+    train, val, msg = split_validation(chunks, 0.25)
     assert sum(map(len, val)) == 50 and sum(map(len, train)) == 150
     assert np.concatenate(train + val).tolist() == list(range(200))
     assert [len(c) for c in val] == [20, 30]  # cut inside the second chunk; boundaries kept
     assert "50 of 200 tokens" in msg
-    again = D.split_validation(chunks, 0.25)
+    again = split_validation(chunks, 0.25)
     assert all(np.array_equal(x, y) for x, y in zip(val, again[1]))
     with pytest.raises(UserError, match="val_fraction"):
-        D.split_validation(chunks, 1.5)
+        split_validation(chunks, 1.5)
 
 
 def test_find_corpus_splits(tmp_path):
-    assert D.find_corpus_splits(tmp_path) is None
+    assert find_corpus_splits(tmp_path) is None
     (tmp_path / "train").mkdir()
-    assert D.find_corpus_splits(tmp_path) is None
+    assert find_corpus_splits(tmp_path) is None
     (tmp_path / "val").mkdir()
-    assert D.find_corpus_splits(tmp_path) == {"train": tmp_path / "train",
+    assert find_corpus_splits(tmp_path) == {"train": tmp_path / "train",
                                               "valid": tmp_path / "val", "test": None}
     (tmp_path / "valid").mkdir()
     (tmp_path / "test").mkdir()
-    assert D.find_corpus_splits(tmp_path) == {"train": tmp_path / "train",
+    assert find_corpus_splits(tmp_path) == {"train": tmp_path / "train",
                                               "valid": tmp_path / "valid",
                                               "test": tmp_path / "test"}

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gpt2.checkpoint import load_model
+from gpt2.io.model_dir import load_model
 from gpt2.model import GPT, GPTConfig, lm_loss
-from gpt2.train import main as train_main
-from gpt2.trainer import no_sync
+from gpt2.commands.train import main as train_main
+from gpt2.train.distributed import DistInfo
+from gpt2.train.parallelize import Parallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 # The training tests' fixtures too: every test in its own folder and cache, a tiny model, data.
@@ -78,8 +79,9 @@ def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str, chunk: int
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     # 2 micro-batches per rank, the all-reduce only on the last (as the trainer accumulates)
     mine = tokens[rank * 4:(rank + 1) * 4]
+    parallel = Parallel(model, ddp, DistInfo(rank, 2), sharded=False)
     for i, micro in enumerate((mine[:2], mine[2:])):
-        with no_sync(ddp, last_micro_step=i == 1):
+        with parallel.no_sync(last_micro_step=i == 1):
             # the loss inside DDP's forward, as the trainer computes it (chunked or not)
             (ddp(micro, targets=micro, loss_chunk=chunk) / 2).backward()
     torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out}.{rank}")

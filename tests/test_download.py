@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt2 import download
-from gpt2.download import HUGGINGFACE_FILES, RELEASE_FILES, download_model, file_urls, main
+from gpt2.io import download
+from gpt2.commands.download import main
+from gpt2.io.download import HUGGINGFACE_FILES, RELEASE_FILES, download_model, file_urls
 from gpt2.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

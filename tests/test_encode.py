@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2 import encode as E
+from gpt2.commands import encode as E
 from gpt2.errors import UserError
 from test_dataset import EOT, joined, ref  # noqa: F401  (ref is a fixture)
 
@@ -69,7 +69,7 @@ def test_npz_original_layout(corpus, tmp_path, gpt2_vocab_dir, ref):  # noqa: F8
 
 
 def test_bin_index_and_up_to_date(corpus, tmp_path, gpt2_vocab_dir, ref, capsys):  # noqa: F811
-    from gpt2.encoder import encoder_fingerprint
+    from gpt2.tokenizer import encoder_fingerprint
 
     out = tmp_path / "out.bin"
     args = ["--model_dir", str(gpt2_vocab_dir), "--workers", "2", str(corpus), str(out)]
@@ -130,7 +130,7 @@ def test_npz_input_passes_through(tmp_path, gpt2_vocab_dir):
     np.savez_compressed(tmp_path / "a.npz", np.arange(100), np.arange(7))
     E.main(["--model_dir", str(gpt2_vocab_dir), "--quiet", str(tmp_path / "a.npz"),
             str(tmp_path / "b.bin")])
-    from gpt2.dataset import load_dataset
+    from gpt2.data.dataset import load_dataset
 
     chunks = load_dataset(tmp_path / "b.bin", None, quiet=True)
     assert [c.tolist() for c in chunks] == [list(range(100)), list(range(7))]

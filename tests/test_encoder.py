@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpt2_vocab
-from gpt2.encoder import (ENCODER_FILES, Encoder, bytes_to_unicode, copy_encoder_files,
+from gpt2.tokenizer import (ENCODER_FILES, Encoder, bytes_to_unicode, copy_encoder_files,
                           encoder_fingerprint, get_encoder, load_encoder)
 from gpt2.errors import UserError
 

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.checkpoint import load_model, save_model
+from gpt2.io.model_dir import load_model, save_model
 from gpt2.cli import run
-from gpt2.encoder import load_encoder
-from gpt2.export import export_huggingface, export_release, main, release_name
+from gpt2.tokenizer import load_encoder
+from gpt2.commands.export import main
+from gpt2.io.hf import export_huggingface
+from gpt2.io.release import export_release, release_name
 from gpt2.model import GPT, GPTConfig
-from gpt2.tf_checkpoint import read_tf_checkpoint
+from gpt2.io.tf_checkpoint import read_tf_checkpoint
 from helpers import make_model
 
 transformers = pytest.importorskip("transformers")

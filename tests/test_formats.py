@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import gpt2
-from gpt2.sample_scripts import unconditional_main
+from gpt2.commands.sample import unconditional_main
 
 RELEASE = "tests/fixtures/release-tiny"  # written by real TensorFlow (make_release_fixture.py)
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.checkpoint import save_model
+from gpt2.io.model_dir import save_model
 from gpt2.cli import run
-from gpt2.generate import DELIMITER, cut_at_stop, generate_batch, main, read_prompts
+from gpt2.commands.generate import DELIMITER, main, read_prompts
+from gpt2.sampling import cut_at_stop, generate_batch
 from gpt2.model import GPT, GPTConfig
-from gpt2.sample import sample_sequence
+from gpt2.sampling import sample_sequence
 from helpers import make_model
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt2.checkpoint import load_model, save_model
+from gpt2.io.model_dir import load_model, save_model
 from gpt2.cli import run
 from gpt2.errors import UserError
 from gpt2.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, count_trainable,
-                       load_lora, load_lora_model, lora_state_dict, main, merge_lora, merged_model,
+                       load_lora, load_lora_model, lora_state_dict, merge_lora, merged_model,
                        save_lora)
+from gpt2.commands.lora import main
 from gpt2.model import GPT, lm_loss
 
 

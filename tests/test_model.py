@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import gpt2
-from gpt2.checkpoint import load_model, save_model
+from gpt2.io.model_dir import load_model, save_model
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig, lm_loss
 

@@ -17,10 +17,11 @@ import platform
 import pytest
 import torch
 
-from gpt2.memory_estimate import (GB, OPTIMIZERS, estimate_memory, optimizer_bytes,
+from gpt2.train.memory import (GB, OPTIMIZERS, estimate_memory, optimizer_bytes,
                                   param_shapes)
-import gpt2.model as model_module
-from gpt2.model import GPT, GPTConfig, Linear, chunked_lm_loss, empty_kv_cache, lm_loss
+from gpt2 import kernels
+from gpt2.kernels import OneDNNLinear, decode_kernels
+from gpt2.model import GPT, GPTConfig, chunked_lm_loss, empty_kv_cache, lm_loss
 
 
 def reference_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -156,22 +157,21 @@ def test_hidden_states_without_cache_returns_no_cache(tiny_config):
                                         ((4, 16, 64), True), ((2, 200, 64), True)])
 def test_cpu_decoding_linear_equals_float64(shape, bias, monkeypatch):
     torch.manual_seed(0)
-    layer = Linear(64, 1000, bias=bias)
+    layer = OneDNNLinear(64, 1000, bias=bias)
     x = torch.randn(shape)
     if shape[1] > 1:
         x = x.transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous input
     exact = torch.nn.functional.linear(x.double(), layer.weight.double(),
                                        None if layer.bias is None else layer.bias.double())
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(model_module, "_onednn_linear",
-                        lambda *a: calls.append(1) or real(*a))
+    real = kernels.onednn_linear
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         fast = layer(x)
     assert fast.shape == exact.shape and fast.dtype == torch.float32
     assert (fast.double() - exact).abs().max().item() < 1e-5
     rows = x.numel() // x.size(-1)
-    assert bool(calls) == (rows <= model_module.ONEDNN_MAX_ROWS and model_module._onednn_available())
+    assert bool(calls) == (rows <= kernels.ONEDNN_MAX_ROWS and kernels.onednn_available())
     calls.clear()
     y = layer(x)  # with gradients on: always the ordinary path
     assert not calls and torch.equal(y.detach(), torch.nn.functional.linear(x, layer.weight, layer.bias))
@@ -181,7 +181,23 @@ def test_cpu_decoding_linear_equals_float64(shape, bias, monkeypatch):
                     reason="the fast path is only promised on x86-64")
 def test_onednn_path_is_available_on_x86():
     """CI's CPUs (x86-64, the standard torch wheel) must get the fast path, not the fallback."""
-    assert model_module._onednn_available()
+    assert kernels.onednn_available()
+
+
+def test_decode_kernels_are_swapped_in_for_the_block_and_out_after(tiny_config):
+    model = GPT(tiny_config).eval()
+    plain = {n: type(m) for n, m in model.named_modules()}
+    assert torch.nn.Linear in plain.values() and OneDNNLinear not in plain.values()
+    tokens = torch.randint(0, tiny_config.n_vocab, (1, 5))
+    with torch.no_grad():
+        before = model(tokens)
+        with decode_kernels(model):
+            inside = {n: type(m) for n, m in model.named_modules()}
+            swapped = model(tokens)
+    assert OneDNNLinear in inside.values() or not kernels.onednn_available()
+    assert {n: type(m) for n, m in model.named_modules()} == plain
+    assert set(model.state_dict()) == {n for n in GPT(tiny_config).state_dict()}
+    torch.testing.assert_close(swapped, before, rtol=0, atol=1e-5)
 
 
 # --- memory estimate ---------------------------------------------------------------------------
@@ -239,7 +255,7 @@ def test_estimate_options_move_the_peak_the_right_way():
     only = estimate_memory(c, 1, 1024, trainable="transformer")
     assert only.grads < base.grads and only.params == base.params
     # the issue's target: some option set fits a full 1558M fine-tune in 24 GiB on one GPU
-    best = estimate_memory(c, 1, 1024, precision="bf16", optimizer="adamw8bit",
+    best = estimate_memory(c, 1, 1024, precision="bf16", optimizer="adafactor",
                            activation_checkpointing=True, fused_optimizer=True)
     assert best.peak < 22 * GB < estimate_memory(c, 1, 1024, precision="bf16").peak
 
@@ -247,14 +263,12 @@ def test_estimate_options_move_the_peak_the_right_way():
 def test_optimizer_state_sizes():
     shapes = [(1024, 768), (768,)]
     n = 1024 * 768 + 768
-    assert optimizer_bytes(shapes, "adamw", "fp32") == 8 * n
-    assert optimizer_bytes(shapes, "adamw", "bf16-pure") == 4 * n
-    assert optimizer_bytes(shapes, "sgd", "fp32") == 0
-    assert optimizer_bytes(shapes, "adafactor", "fp32") == 4 * (1024 + 768 + 768)
-    assert optimizer_bytes(shapes, "adamw8bit", "fp32") == 2 * 1024 * 768 + 8 * 3072 + 8 * 768
+    assert optimizer_bytes(shapes, "adamw") == 8 * n
+    assert optimizer_bytes(shapes, "sgd") == 0
+    assert optimizer_bytes(shapes, "adafactor") == 4 * (1024 + 768 + 768)
     with pytest.raises(ValueError, match="optimizer"):
-        optimizer_bytes(shapes, "lion", "fp32")
-    assert set(OPTIMIZERS) >= {"adamw", "adafactor", "adamw8bit"}
+        optimizer_bytes(shapes, "lion")
+    assert set(OPTIMIZERS) >= {"adamw", "adafactor"}
 
 
 @pytest.mark.parametrize("bad", [{"precision": "fp8"}, {"trainable": "heads"},

@@ -11,7 +11,7 @@ import pytest
 
 from gpt2.cli import run
 from gpt2.errors import UserError
-from gpt2.plot import main, plot_runs, read_metrics
+from gpt2.commands.plot import main, plot_runs, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

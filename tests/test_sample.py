@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from gpt2.model import GPT, GPTConfig
-from gpt2.sample import next_token, sample_sequence, top_k_logits, top_p_logits
-from gpt2.sample_scripts import interactive_main, unconditional_main
+from gpt2.sampling import next_token, sample_sequence, top_k_logits, top_p_logits
+from gpt2.commands.sample import interactive_main, unconditional_main
 
 REPO = Path(__file__).resolve().parents[1]
 BANNER = "=" * 40 + " SAMPLE {} " + "=" * 40
@@ -95,8 +95,9 @@ def test_greedy_settings_agree(model):
                                        seed=3), greedy)
     assert torch.equal(sample_sequence(model, 12, context, temperature=1.7, top_k=1, seed=3),
                        greedy)
-    # top_p=0 keeps only the most likely token: greedy too
-    assert torch.equal(sample_sequence(model, 12, context, top_p=0.0, seed=3), greedy)
+    # top_p=0 is no nucleus filter, as 1 is (nshepperd's and train.py's meaning), not greedy
+    assert torch.equal(sample_sequence(model, 12, context, top_p=0.0, seed=3),
+                       sample_sequence(model, 12, context, top_p=1.0, seed=3))
 
 
 def test_sampled_tokens_respect_top_k(model):
@@ -202,13 +203,14 @@ def test_top_k_against_python_reference():
 def test_top_p_hand_computed():
     probs = [0.1, 0.4, 0.2, 0.3]  # sorted: 0.4 (1), 0.3 (3), 0.2 (2), 0.1 (0)
     logits = torch.tensor([probs]).log() + 7.0  # any shift: only the softmax matters
-    cases = {0.35: {1}, 0.75: {1, 3}, 0.95: {1, 3, 2}, 0.0: {1}}
+    cases = {0.35: {1}, 0.75: {1, 3}, 0.95: {1, 3, 2}, 0.01: {1}, 0.0: {0, 1, 2, 3}}
     for p, expected in cases.items():
         out = top_p_logits(logits, p)[0]
         assert set(out.isfinite().nonzero().flatten().tolist()) == expected, p
         kept = out.isfinite()
         assert torch.equal(out[kept], logits[0][kept])
     assert torch.equal(top_p_logits(logits, 1.0), logits)
+    assert torch.equal(top_p_logits(logits, 0.0), logits)  # 0, like 1: no filter
 
 
 def test_top_p_against_python_reference():

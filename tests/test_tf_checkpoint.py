@@ -1,4 +1,4 @@
-"""gpt2.tf_checkpoint: OpenAI's TensorFlow checkpoint format, read and written without TensorFlow.
+"""gpt2.io.tf_checkpoint: OpenAI's TensorFlow checkpoint format, read and written without TensorFlow.
 
 tests/fixtures/release-tiny/ was saved by real TensorFlow 2.21 (tests/fixtures/
 make_release_fixture.py), with logits TensorFlow computed; the writer's output was checked to
@@ -18,9 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2 import tf_checkpoint
+from gpt2.io import tf_format
+from gpt2.io.crc32c import mask as crc32c_mask
 from gpt2.errors import UserError
-from gpt2.tf_checkpoint import (crc32c, list_tf_checkpoint, read_tf_checkpoint,
+from gpt2.io.tf_checkpoint import (crc32c, list_tf_checkpoint, read_tf_checkpoint,
                                 resolve_checkpoint_prefix, write_tf_checkpoint)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release-tiny"
@@ -91,7 +92,7 @@ def test_fixture_values_give_tensorflows_logits():
 
 def test_load_model_on_release_layout_matches_tensorflow_logits():
     torch = pytest.importorskip("torch")
-    from gpt2.checkpoint import load_model
+    from gpt2.io.model_dir import load_model
 
     expected = np.load(FIXTURE / "expected_logits.npz")
     model = load_model(FIXTURE)
@@ -259,8 +260,8 @@ def test_corrupt_data_detected_only_when_verifying(tmp_path):
 def raw_checkpoint(prefix: Path, entries: dict[str, bytes], data: bytes,
                    compression: int = 0) -> None:
     """Hand-built index (for cases our writer never produces)."""
-    table = tf_checkpoint._TableWriter()
-    table.add(b"", tf_checkpoint._encode_header(1))
+    table = tf_format.TableWriter()
+    table.add(b"", tf_format.encode_header(1))
     for name in sorted(entries):
         table.add(name.encode(), entries[name])
     index = bytearray(table.finish())
@@ -269,7 +270,7 @@ def raw_checkpoint(prefix: Path, entries: dict[str, bytes], data: bytes,
         start, end = _first_block(bytes(index))
         index[end] = compression
         index[end + 1:end + 5] = struct.pack(
-            "<I", tf_checkpoint._mask(crc32c(bytes(index[start:end + 1]))))
+            "<I", crc32c_mask(crc32c(bytes(index[start:end + 1]))))
     (prefix.parent / (prefix.name + ".index")).write_bytes(bytes(index))
     (prefix.parent / (prefix.name + ".data-00000-of-00001")).write_bytes(data)
 
@@ -277,18 +278,18 @@ def raw_checkpoint(prefix: Path, entries: dict[str, bytes], data: bytes,
 def _first_block(index: bytes) -> tuple[int, int]:
     """Start and end (trailer offset) of the first data block, from the index block."""
     footer = index[-48:]
-    _, pos = tf_checkpoint._varint(footer, 0, 40)
-    _, pos = tf_checkpoint._varint(footer, pos, 40)
-    off, pos = tf_checkpoint._varint(footer, pos, 40)
-    size, _ = tf_checkpoint._varint(footer, pos, 40)
-    (_, handle), *_ = tf_checkpoint._block_entries(index[off:off + size])
-    b_off, p = tf_checkpoint._varint(handle, 0, len(handle))
-    b_size, _ = tf_checkpoint._varint(handle, p, len(handle))
+    _, pos = tf_format.varint(footer, 0, 40)
+    _, pos = tf_format.varint(footer, pos, 40)
+    off, pos = tf_format.varint(footer, pos, 40)
+    size, _ = tf_format.varint(footer, pos, 40)
+    (_, handle), *_ = tf_format.block_entries(index[off:off + size])
+    b_off, p = tf_format.varint(handle, 0, len(handle))
+    b_size, _ = tf_format.varint(handle, p, len(handle))
     return b_off, b_off + b_size
 
 
 def test_snappy_block_is_refused_clearly(tmp_path):
-    entry = tf_checkpoint._encode_entry(1, (2,), 0, 8, crc32c(b"\0" * 8))
+    entry = tf_format.encode_entry(1, (2,), 0, 8, crc32c(b"\0" * 8))
     raw_checkpoint(tmp_path / "model.ckpt", {"x": entry}, b"\0" * 8, compression=1)
     with pytest.raises(UserError, match=r"model\.ckpt\.index.*snappy"):
         read_tf_checkpoint(tmp_path)
@@ -299,8 +300,8 @@ def test_bfloat16_becomes_float32_and_strings_are_skipped(tmp_path):
     bf16 = torch.tensor([1.0, -2.5, 3.14159, 1e30]).to(torch.bfloat16)  # an independent encoder
     raw = bf16.view(torch.int16).numpy().astype("<i2").tobytes()
     values = bf16.float().numpy()
-    entries = {"bf": tf_checkpoint._encode_entry(14, (2, 2), 0, len(raw), crc32c(raw)),
-               "_CHECKPOINTABLE_OBJECT_GRAPH": tf_checkpoint._encode_entry(7, (), 0, 0, 0)}
+    entries = {"bf": tf_format.encode_entry(14, (2, 2), 0, len(raw), crc32c(raw)),
+               "_CHECKPOINTABLE_OBJECT_GRAPH": tf_format.encode_entry(7, (), 0, 0, 0)}
     raw_checkpoint(tmp_path / "model.ckpt", entries, raw)
     got = read_tf_checkpoint(tmp_path, verify=True)
     assert list(got) == ["bf"]
@@ -309,7 +310,7 @@ def test_bfloat16_becomes_float32_and_strings_are_skipped(tmp_path):
 
 
 def test_size_disagreeing_with_shape_is_an_error(tmp_path):
-    entries = {"x": tf_checkpoint._encode_entry(1, (3,), 0, 8, crc32c(b"\0" * 8))}
+    entries = {"x": tf_format.encode_entry(1, (3,), 0, 8, crc32c(b"\0" * 8))}
     raw_checkpoint(tmp_path / "model.ckpt", entries, b"\0" * 8)
     with pytest.raises(UserError, match=r"model\.ckpt\.index.*'x'.*shape"):
         read_tf_checkpoint(tmp_path)
@@ -355,7 +356,7 @@ def test_rewriting_the_fixture_gives_tensorflows_exact_bytes(tmp_path):
 
 
 def test_many_blocks_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setattr(tf_checkpoint, "_BLOCK_SIZE", 128)
+    monkeypatch.setattr(tf_format, "BLOCK_SIZE", 128)
     tensors = {f"model/h{i}/mlp/c_fc/b": np.full(3, i, np.float32) for i in range(300)}
     write_tf_checkpoint(tmp_path / "m", tensors)
     got = read_tf_checkpoint(tmp_path / "m")

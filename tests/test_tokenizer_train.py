@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import gpt2_vocab
-from gpt2 import tokenizer_train as T
+from gpt2.commands import tokenizer as T_cmd
+from gpt2.tokenizer import train as T
 from gpt2.errors import UserError
 
 TEXT = [
@@ -64,7 +65,7 @@ def test_files_in_openai_format(trained):
 
 
 def test_load_encoder_matches_huggingface(trained, corpus):
-    from gpt2.encoder import load_encoder
+    from gpt2.tokenizer import load_encoder
 
     enc = load_encoder(trained)
     hf = hf_reference(corpus, 400)
@@ -82,15 +83,15 @@ def test_load_encoder_matches_huggingface(trained, corpus):
 
 def test_cli_overrides_and_errors(corpus, tmp_path):
     out = tmp_path / "tok"
-    assert T.main(["train", str(corpus / "*.txt"), "--vocab_size", "300", "--out", str(out),
+    assert T_cmd.main(["train", str(corpus / "*.txt"), "--vocab_size", "300", "--out", str(out),
                    "--n_ctx", "256", "--n_embd", "64", "--n_head", "4", "--n_layer", "2",
                    "--quiet"]) == 0
     assert json.loads((out / "hparams.json").read_text()) == {
         "n_vocab": 300, "n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 2}
     with pytest.raises(UserError, match="at least 257"):
-        T.main(["train", str(corpus), "--vocab_size", "100", "--out", str(out)])
+        T_cmd.main(["train", str(corpus), "--vocab_size", "100", "--out", str(out)])
     with pytest.raises(UserError, match="matches no files"):
-        T.main(["train", str(tmp_path / "none*"), "--vocab_size", "300", "--out", str(out)])
+        T_cmd.main(["train", str(tmp_path / "none*"), "--vocab_size", "300", "--out", str(out)])
 
 
 def test_cli_dispatch_and_model_config(corpus, tmp_path):

@@ -25,11 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2 import memory, optim
+from gpt2.train import memory, optim, parallelize
 from gpt2.cli import run
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig, lm_loss
-from gpt2.train import main, parse_config
+from gpt2.commands.train import main
+from gpt2.train.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny.json"
@@ -222,7 +223,7 @@ def test_signal_saves_completed_steps_and_resumes(tmp_path, data, model_dir, sig
     assert "Traceback" not in err
     done = metrics(tmp_path / "checkpoint/sig")[-1]["step"]
     assert done >= 3
-    assert (tmp_path / f"checkpoint/sig/counter").read_text() == f"{done}\n"
+    assert (tmp_path / "checkpoint/sig/counter").read_text() == f"{done}\n"
     assert (tmp_path / f"checkpoint/sig/model-{done}/model.safetensors").exists()
     assert f"Saving checkpoint/sig/model-{done}" in out
 
@@ -235,9 +236,9 @@ def test_signal_saves_completed_steps_and_resumes(tmp_path, data, model_dir, sig
 
 
 def test_checkpoint_is_a_model_directory_that_samples(tmp_path, data, model_dir, capsys):
-    from gpt2.checkpoint import load_model
-    from gpt2.sample import sample_sequence
-    from gpt2.sample_scripts import unconditional_main
+    from gpt2.io.model_dir import load_model
+    from gpt2.sampling import sample_sequence
+    from gpt2.commands.sample import unconditional_main
 
     assert main(args(data, model_dir, max_steps=4, save_every=2, keep_checkpoints=1,
                      sample_every=4, sample_num=3, sample_length=8)) == 0
@@ -279,8 +280,9 @@ def test_log_lines_and_metrics(tmp_path, data, model_dir, capsys):
 
 def test_accumulated_gradients_are_averaged(tmp_path, data, model_dir):
     """One SGD update over 2 micro-batches equals a hand-computed step on their mean loss."""
-    from gpt2.dataset import Sampler, load_dataset
-    from gpt2.encoder import load_encoder
+    from gpt2.data.dataset import load_dataset
+    from gpt2.data.sampler import Sampler
+    from gpt2.tokenizer import load_encoder
 
     lr = 0.5
     assert main(args(data, model_dir, max_steps=1, batch_size=1, accumulate_gradients=2,
@@ -322,7 +324,7 @@ def test_restore_from_directory_or_file(tmp_path, data, model_dir):
                      max_steps=4, run_name="from_file", init="pretrained")) == 0
     assert [m["step"] for m in metrics(tmp_path / "checkpoint/from_file")] == [3, 4]
     # A plain model directory without trainer state starts a new count.
-    from gpt2.checkpoint import load_model, save_model
+    from gpt2.io.model_dir import load_model, save_model
 
     save_model(load_model(base), tmp_path / "plain", encoder_dir=model_dir)
     assert main(args(data, model_dir, "--restore_from", str(tmp_path / "plain"),
@@ -353,7 +355,7 @@ def _bad_inputs(tmp: Path, data: Path, model_dir: Path) -> dict[str, tuple[list[
     (bad_json / "hparams.json").write_text("{not json")
     bad_values = make_model_dir(tmp / "bad_values", n_head=5)
     # Weights saved for n_embd 32, hparams saying 64.
-    from gpt2.checkpoint import save_model
+    from gpt2.io.model_dir import save_model
 
     mismatched = tmp / "mismatched"
     save_model(GPT(GPTConfig(n_vocab=257, **TINY)), mismatched, encoder_dir=model_dir)
@@ -463,7 +465,7 @@ def test_tensorboard_missing_is_one_line(tmp_path, data, model_dir, monkeypatch,
 
 def test_chunked_loss_trains_like_the_plain_loss(tmp_path, data, model_dir, monkeypatch):
     import gpt2.model
-    from gpt2.trainer import resolve_loss_chunk
+    from gpt2.train.loop import resolve_loss_chunk
 
     flags = dict(max_steps=6, accumulate_gradients=2, optimizer="adamw", grad_clip=1.0,
                  val_every=3, val_batch_count=2)
@@ -492,7 +494,7 @@ def test_chunked_loss_trains_like_the_plain_loss(tmp_path, data, model_dir, monk
 # --- pieces ------------------------------------------------------------------------------------
 
 def test_noise_replaces_inputs_with_uniform_ids():
-    from gpt2.trainer import TrainConfig, Trainer
+    from gpt2.train import TrainConfig, Trainer
 
     trainer = Trainer(TrainConfig(dataset="unused.txt", noise=0.3))
     trainer.config = GPTConfig(n_vocab=257, **TINY)
@@ -533,7 +535,7 @@ def test_activation_checkpointing_gives_same_gradients(tiny_config):
     a = GPT(tiny_config)
     b = GPT(tiny_config)
     b.load_state_dict(a.state_dict())
-    memory.apply_activation_checkpointing(b, memory.parse_blocks("all", tiny_config.n_layer))
+    parallelize.apply_activation_checkpointing(b, parallelize.parse_blocks("all", tiny_config.n_layer))
     x = torch.randint(0, tiny_config.n_vocab, (2, 16))
     for m in (a, b):
         lm_loss(m(x), x).backward()
@@ -543,12 +545,12 @@ def test_activation_checkpointing_gives_same_gradients(tiny_config):
 
 
 def test_parse_blocks():
-    assert memory.parse_blocks("all", 4) == [0, 1, 2, 3]
-    assert memory.parse_blocks("every:2", 5) == [0, 2, 4]
-    assert memory.parse_blocks("3, 0", 4) == [0, 3]
+    assert parallelize.parse_blocks("all", 4) == [0, 1, 2, 3]
+    assert parallelize.parse_blocks("every:2", 5) == [0, 2, 4]
+    assert parallelize.parse_blocks("3, 0", 4) == [0, 3]
     for bad in ("4", "every:0", "x", ""):
         with pytest.raises(ValueError):
-            memory.parse_blocks(bad, 4)
+            parallelize.parse_blocks(bad, 4)
 
 
 def test_lr_schedule():
@@ -609,7 +611,7 @@ if __name__ == "__main__":
 
 
 def test_lora_trains_adapters_saves_a_plain_model_and_resumes_exactly(tmp_path, data, model_dir):
-    from gpt2.checkpoint import load_config, load_model, save_model
+    from gpt2.io.model_dir import load_config, load_model, save_model
     from gpt2.lora import read_lora_config
 
     torch.manual_seed(0)  # a "pretrained" base to fine-tune: weights + the tiny encoder

@@ -1,13 +1,15 @@
 """``gpt2 <command>`` / ``python -m gpt2 <command>``: one entry point for every tool.
 
-Each command lives in its own module with ``main(argv) -> int``; the flat scripts of the
-original layout (``download_model.py``, ``encode.py``, ``train.py``, ...) call the same functions
-through :func:`script`. Modules are imported only when their command runs, so ``gpt2 --help``
-stays fast.
+Each command lives in its own module of :mod:`gpt2.commands` with ``main(argv) -> int``; the
+flat scripts of the original layout (``download_model.py``, ``encode.py``, ``train.py``, ...)
+call the same functions through :func:`script`. Modules are imported only when their command
+runs, so ``gpt2 --help`` stays fast. Every command's parser is :class:`ArgumentParser`: a bad
+flag is one line and a pointer to ``--help``, not the whole usage.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -15,19 +17,39 @@ from .errors import UserError
 
 # command -> (module, help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "download": ("gpt2.download", "fetch a released model (124M, 355M, 774M, 1558M)"),
-    "encode": ("gpt2.encode", "encode text files into .npz or a memory-mapped .bin of tokens"),
-    "train": ("gpt2.train", "fine-tune a model, or train one from scratch"),
-    "sample": ("gpt2.sample_scripts:unconditional_main", "print unconditional samples"),
-    "interact": ("gpt2.sample_scripts:interactive_main", "complete prompts typed at a prompt"),
-    "tokenizer": ("gpt2.tokenizer_train", "train a byte-level BPE tokenizer on a corpus"),
-    "evaluate": ("gpt2.evaluate", "loss and perplexity of a model on a dataset"),
-    "generate": ("gpt2.generate", "generate samples from prompts to a file"),
-    "export": ("gpt2.export", "write a model as a Hugging Face or OpenAI release directory"),
-    "plot": ("gpt2.plot", "plot a run's training and validation loss"),
-    "lora": ("gpt2.lora", "merge a LoRA adapter into a plain model directory"),
-    "quickstart": ("gpt2.quickstart", "the README's demo: tokenizer + small GPT-2 on pydoc text"),
+    "download": ("gpt2.commands.download", "fetch a released model (124M, 355M, 774M, 1558M)"),
+    "encode": ("gpt2.commands.encode",
+               "encode text files into .npz or a memory-mapped .bin of tokens"),
+    "train": ("gpt2.commands.train", "fine-tune a model, or train one from scratch"),
+    "sample": ("gpt2.commands.sample:unconditional_main", "print unconditional samples"),
+    "interact": ("gpt2.commands.sample:interactive_main", "complete prompts typed at a prompt"),
+    "tokenizer": ("gpt2.commands.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "evaluate": ("gpt2.commands.evaluate", "loss and perplexity of a model on a dataset"),
+    "generate": ("gpt2.commands.generate", "generate samples from prompts to a file"),
+    "export": ("gpt2.commands.export",
+               "write a model as a Hugging Face or OpenAI release directory"),
+    "plot": ("gpt2.commands.plot", "plot a run's training and validation loss"),
+    "lora": ("gpt2.commands.lora", "merge a LoRA adapter into a plain model directory"),
+    "quickstart": ("gpt2.commands.quickstart",
+                   "the README's demo: tokenizer + small GPT-2 on pydoc text"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what is wrong> (see <prog> --help)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is empty or the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        empty = action.default is None or action.default is False or action.default == []
+        if empty or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _resolve(target: str):

@@ -13,6 +13,7 @@ exactly what the base model did until training moves it; every other parameter i
     plain = merge_lora(model)                       # in place: a GPT again, adapters folded in
 
     gpt2 lora merge models/124M checkpoint/run1/adapter out/merged   # the same, from the shell
+    (gpt2.commands.lora)
 
 Targets name modules by their last components: ``c_attn`` matches every block's
 ``attn.c_attn``, ``c_proj`` both ``attn.c_proj`` and ``mlp.c_proj``, ``mlp.c_proj`` only the
@@ -21,7 +22,6 @@ latter. The tied ``lm_head`` / ``wte`` are never adapted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +31,10 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .io.atomic import atomic_write, write_text
+from .io.model_dir import load_model
+from .io.tensors import load_safetensors, unwrap
+from .model import GPT
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "lora.json"
@@ -151,8 +155,6 @@ def save_lora(model: nn.Module, path: str | os.PathLike, base_model: str | None 
     """
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write, unwrap
-
     model = unwrap(model)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +162,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, base_model: str | None 
             "base_config": model.config.to_dict()}
     state = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
     atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    text = json.dumps(meta, indent=2) + "\n"
-    atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(text))
+    write_text(out / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -185,8 +186,6 @@ def read_lora_config(path: str | os.PathLike) -> dict:
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the adapters saved in directory ``path`` to ``model`` (a base GPT); returns it."""
-    from .checkpoint import _load_safetensors, unwrap
-
     meta = read_lora_config(path)
     base = unwrap(model)
     expected = meta.get("base_config")
@@ -202,7 +201,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         apply_lora(model, int(meta["rank"]), float(meta["alpha"]), tuple(meta["targets"]))
     except ValueError as e:
         raise UserError(f"{Path(path) / ADAPTER_CONFIG}: {e}") from None
-    tensors = _load_safetensors(Path(path) / ADAPTER_WEIGHTS)
+    tensors = load_safetensors(Path(path) / ADAPTER_WEIGHTS)
     params = dict(model.named_parameters())
     wanted = set(lora_state_dict(model))
     if set(tensors) != wanted:
@@ -225,8 +224,6 @@ def load_lora_model(path: str | os.PathLike, base_model: str | os.PathLike | Non
     What a resumed LoRA training run needs: its checkpoint's weights are merged, so the adapter
     must go back onto the original base, not onto them.
     """
-    from .checkpoint import load_model
-
     base = base_model or read_lora_config(path).get("base_model")
     if not base:
         raise UserError(f"{Path(path) / ADAPTER_CONFIG}: no base_model recorded; pass the base "
@@ -239,8 +236,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Returns the plain GPT, with every parameter trainable again, ready for save_model.
     """
-    from .checkpoint import unwrap
-
     model = unwrap(model)
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
@@ -259,9 +254,6 @@ def merged_model(model: nn.Module) -> nn.Module:
     tensors. For saving a LoRA run's checkpoint as an ordinary model directory:
     ``save_model(merged_model(model), path)``.
     """
-    from .checkpoint import unwrap
-    from .model import GPT
-
     model = unwrap(model)
     layers = lora_layers(model)
     state = {}
@@ -287,36 +279,3 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, for a log line like 'training 0.24% of 124M'."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-# --- gpt2 lora merge ---------------------------------------------------------------------
-
-def _has_encoder(d: Path) -> bool:
-    return any((d / f).is_file() for f in ("encoder.json", "vocab.json", "sp.model"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpt2 lora", description="LoRA adapter tools.")
-    sub = p.add_subparsers(dest="action", required=True)
-    m = sub.add_parser("merge", help="fold an adapter into its base model; write a plain model",
-                       description="Load BASE_DIR, add the adapter in ADAPTER_DIR, fold it into "
-                                   "the weights and write OUT_DIR as a plain model directory "
-                                   "(hparams.json, model.safetensors, encoder files).")
-    m.add_argument("base_dir", metavar="BASE_DIR", help="the model the adapter was trained on")
-    m.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="holds lora.json and "
-                                                              f"{ADAPTER_WEIGHTS}")
-    m.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged model")
-    args = p.parse_args(argv)
-
-    from .checkpoint import load_model, save_model
-    from .generate import find_model_dir
-
-    base_dir, adapter_dir = find_model_dir(args.base_dir), Path(args.adapter_dir)
-    read_lora_config(adapter_dir)  # fail on a wrong directory before loading a big model
-    model = load_model(base_dir)
-    model = merge_lora(load_lora(model, adapter_dir))
-    encoder_dir = base_dir if _has_encoder(base_dir) else \
-        adapter_dir if _has_encoder(adapter_dir) else None
-    out = save_model(model, args.out_dir, encoder_dir=encoder_dir)
-    print(f"merged {adapter_dir} into {base_dir} -> {out}")
-    return 0

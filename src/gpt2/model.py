@@ -1,10 +1,10 @@
 """GPT-2 as a plain ``torch.nn.Module``, and the config that is a model directory's hparams.json.
 
 The module computes and nothing else: no file or network I/O, no prints, no device, precision,
-compile or distribution code (those are applied from outside, by the training and sampling
-modules); its one kernel choice is oneDNN's matmul for CPU decoding (``Linear``). Parameter
-names follow OpenAI's release (``wte wpe h.{i}.ln_1 attn.c_attn attn.c_proj ln_2 mlp.c_fc
-mlp.c_proj ln_f``) so that weight conversion is a table, not a puzzle.
+kernel, compile or distribution code (those are applied from outside: :mod:`gpt2.runtime`,
+:mod:`gpt2.kernels`, :mod:`gpt2.train.parallelize`). Parameter names follow OpenAI's release
+(``wte wpe h.{i}.ln_1 attn.c_attn attn.c_proj ln_2 mlp.c_fc mlp.c_proj ln_f``) so that weight
+conversion is a table, not a puzzle.
 
     config = GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12)
     model = GPT(config)
@@ -74,49 +74,13 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-# Inference on the CPU with few rows (decoding: one row per sequence) runs oneDNN's matmul,
-# which PyTorch ships for its compiler: 1.2-2.5x the default sgemm for 1-64 rows, slower from
-# ~256 rows (bench/micro.py linear). Same weights, no copies; results differ by fp32 rounding.
-ONEDNN_MAX_ROWS = 64
-_onednn: bool | None = None  # None: not probed yet
-
-
-def _onednn_available() -> bool:
-    global _onednn
-    if _onednn is None:
-        try:
-            x, w = torch.ones(2, 3), torch.ones(4, 3)
-            _onednn = torch.backends.mkldnn.is_available() and torch.equal(
-                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w))
-        except Exception:  # a build without the op, or a CPU it does not support
-            _onednn = False
-    return _onednn
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and names) with the oneDNN path for CPU decoding."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and w.dtype == torch.float32 and type(w) in (nn.Parameter, torch.Tensor)
-                and x.numel() <= ONEDNN_MAX_ROWS * x.size(-1)
-                and not torch.is_autocast_enabled("cpu") and _onednn_available()):
-            return _onednn_linear(x, w, self.bias, "none", [], "")
-        return F.linear(x, w, self.bias)
-
-
-def _onednn_linear(*args) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(*args)
-
-
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, past: LayerPast | None = None
@@ -187,8 +151,8 @@ def empty_kv_cache(config: GPTConfig, batch: int, max_len: int | None = None,
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +186,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.lm_head = Linear(config.n_embd, config.n_vocab, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.n_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2: logits = h @ wte^T
         self.reset_parameters()
 
@@ -284,6 +248,16 @@ class GPT(nn.Module):
         h, present = self.hidden_states(tokens, past, use_cache)
         logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, present) if use_cache else logits
+
+
+def set_dropout(model: GPT, p: float) -> None:
+    """Change a built model's dropout (released models are built with none)."""
+    model.config = dataclasses.replace(model.config, dropout=p)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, Attention):
+            m.dropout = p
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

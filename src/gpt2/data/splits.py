@@ -1,0 +1,119 @@
+"""Held-out data and the rules of a run's data: train/valid/test folders, held-out tokens.
+
+    splits = find_corpus_splits("corpus/")     # {"train": ..., "valid": ..., "test": ...} or None
+    train, val, message = split_validation(chunks, 0.05)
+    data = training_data("corpus/", None, encoder, n_vocab, n_ctx, ...)   # what train.py reads
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserError
+from .dataset import check_vocab, load_dataset
+from .sampler import validation_batches
+
+
+def find_corpus_splits(path: str | os.PathLike) -> dict | None:
+    """``{"train", "valid", "test"}`` folders of a corpus directory laid out as splits, else None.
+
+    Recognised: a directory with ``train/`` and at least one of ``valid/`` (or ``val/``) and
+    ``test/``. Missing splits are None.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not (p / "train").is_dir():
+        return None
+    valid = next((p / n for n in ("valid", "val") if (p / n).is_dir()), None)
+    test = p / "test" if (p / "test").is_dir() else None
+    if valid is None and test is None:
+        return None
+    return {"train": p / "train", "valid": valid, "test": test}
+
+
+def split_validation(chunks: list[np.ndarray], fraction: float, seed: int = 1
+                     ) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """Hold out the last ``fraction`` of the tokens (cut out of the chunks) for validation.
+
+    The split is positional, so the same data always gives the same split; ``seed`` is accepted
+    for interface compatibility and does not change it.
+    """
+    if not 0 < fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {fraction}")
+    total = sum(len(c) for c in chunks)
+    n_val = int(round(total * fraction))
+    if n_val == 0 or n_val == total:
+        raise UserError(f"--val_fraction {fraction} of {total} tokens leaves nothing to "
+                        f"{'validate on' if n_val == 0 else 'train on'}")
+    train, val, need = list(chunks), [], n_val
+    while need:
+        last = train.pop()
+        if len(last) <= need:
+            val.insert(0, last)
+            need -= len(last)
+        else:
+            train.append(last[:len(last) - need])
+            val.insert(0, last[len(last) - need:])
+            need = 0
+    message = (f"validation: holding out the last {fraction:.1%} of the data, "
+               f"{n_val:,} of {total:,} tokens ({len(val)} chunk{'s' * (len(val) != 1)}); "
+               f"training on {total - n_val:,}")
+    return train, val, message
+
+
+@dataclass
+class TrainingData:
+    """What a training run reads: its chunks, and fixed validation batches (maybe none)."""
+
+    train: list[np.ndarray]
+    train_path: str
+    val_batches: list[np.ndarray]
+
+
+def training_data(dataset: str, val_dataset: str | None, encoder, n_vocab: int, n_ctx: int, *,
+                  combine: int, encoding: str, val_every: int, val_fraction: float,
+                  val_batch_count: int, val_batch_size: int, log: Callable[[str], None],
+                  quiet: bool = False) -> TrainingData:
+    """The training chunks and validation batches of a run, with every rule about them.
+
+    A corpus directory's ``valid/`` split validates unless ``val_dataset`` is given; otherwise
+    the last ``val_fraction`` of the tokens is held out (0: validate on the training data, as
+    the original did). Every token must be in the model's vocabulary and some chunk must hold
+    a whole ``n_ctx`` window.
+    """
+    train_path, val_path = dataset, val_dataset
+    splits = find_corpus_splits(dataset) if os.path.isdir(dataset) else None
+    if splits:
+        train_path = str(splits["train"])
+        if val_path is None and splits.get("valid") is not None:
+            val_path = str(splits["valid"])
+    chunks = load_dataset(train_path, encoder, combine=combine, encoding=encoding, quiet=quiet)
+    check_vocab(chunks, n_vocab, train_path)
+    longest = max(len(c) for c in chunks)
+    if longest < n_ctx:
+        raise UserError(f"dataset {train_path} has no document of at least {n_ctx} tokens (the "
+                        f"model's n_ctx; the longest has {longest}); use more or longer text, "
+                        "or a larger --combine")
+    val_chunks = None
+    if val_every:
+        if val_path is not None:
+            log(f"Loading validation dataset {val_path}...")
+            val_chunks = load_dataset(val_path, encoder, combine=combine, encoding=encoding,
+                                      quiet=quiet)
+            check_vocab(val_chunks, n_vocab, val_path)
+        elif val_fraction > 0:
+            chunks, val_chunks, message = split_validation(chunks, val_fraction)
+            log(message)
+        else:
+            val_chunks = chunks
+            log("validation uses the training data (set --val_dataset or --val_fraction to "
+                "hold some out)")
+    batches = []
+    if val_chunks is not None:
+        batches = validation_batches(val_chunks, val_batch_count, val_batch_size, n_ctx, seed=1,
+                                     name=f"validation data {val_path or train_path}")
+    return TrainingData(chunks, train_path, batches)

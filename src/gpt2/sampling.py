@@ -1,0 +1,289 @@
+"""Sampling from a GPT: the logit filters and the one decode loop every command uses.
+
+The filters are pure functions over logits, so they can be tested and reused on their own:
+temperature first, then top-k, then top-p (OpenAI's ``src/sample.py`` order and semantics).
+
+    context = torch.tensor([enc.encode("Hello, my name is")])          # [B, T]
+    out = sample_sequence(model, length=40, context=context, top_k=40, seed=0)
+    print(enc.decode(out[0, context.size(1):].tolist()))               # only the new tokens
+
+    new = decode(model, context, 40, top_k=40, finished=lambda row, ids: ids[-1] == eot)
+
+:func:`decode` is the loop (the sample scripts, ``gpt2 generate``, training samples and
+``gpt2 evaluate --compare`` all run it): the prompt fills a preallocated KV cache once, then one
+token per row per step is fed back; a row that is finished leaves the batch and its cache.
+:class:`Decoder` is the cache and the model calls underneath, for loops that schedule rows
+themselves (the server).
+
+Differences from the original, on purpose: ``temperature=0`` is greedy (the original divided
+by zero); ties at the k-th logit never keep more than k tokens; ``top_p`` 0 means no nucleus
+filter, as 1 does (nshepperd's scripts and train.py meant it so; OpenAI's kept only the most
+likely token); a context that does not fit in ``n_ctx`` is refused up front instead of
+overrunning the position table.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .kernels import decode_kernels
+from .model import empty_kv_cache
+
+
+def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row (exactly k, even with ties); the rest -> -inf.
+
+    ``k = 0`` (or ``k >= vocabulary``) keeps everything.
+    """
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    # Indices from topk + scatter rather than a `logits < kth_value` threshold: a threshold
+    # keeps every token tied with the k-th one, which may be many more than k.
+    values, indices = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+
+
+def top_p_logits(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter, OpenAI's semantics: keep the most likely tokens whose *inclusive*
+    cumulative probability is <= p (always at least the most likely one); the rest -> -inf.
+
+    ``p >= 1`` or ``p <= 0`` keeps everything. Tokens already at -inf (e.g. cut by top-k) stay.
+    """
+    if not 0.0 < p < 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    return torch.empty_like(logits).scatter(-1, order, _top_p_sorted(sorted_logits, p))
+
+
+def _top_p_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
+    """top_p_logits for logits already sorted in descending order along the last axis."""
+    if not 0.0 < p < 1.0:
+        return sorted_logits
+    cumulative = sorted_logits.float().softmax(dim=-1).cumsum(dim=-1)
+    keep = cumulative <= p
+    keep[..., 0] = True
+    return sorted_logits.masked_fill(~keep, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from last-position logits [B, V] -> [B].
+
+    Greedy for ``temperature=0`` or ``top_k=1``; else a draw from softmax(logits / temperature)
+    restricted by top-k (exactly k ids), then top-p (top_k_logits, top_p_logits).
+    """
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        # The same distribution as masking all but the top k to -inf, but the draw is among k
+        # values: torch.multinomial spends a random number on every id, 50,257 per row.
+        values, ids = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+        choice = torch.multinomial(_top_p_sorted(values, top_p).softmax(dim=-1), 1,
+                                   generator=generator)
+        return ids.gather(-1, choice).squeeze(1)
+    logits = top_p_logits(logits, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def check_fits(context_len: int, length: int, n_ctx: int) -> None:
+    """Raise ValueError unless a context of ``context_len`` tokens plus ``length`` new ones fit.
+
+    The last sampled token is never fed back, so the model sees ``context_len + length - 1``
+    positions: a 1-token context may be followed by exactly ``n_ctx`` new tokens, as in the
+    original unconditional sampler.
+    """
+    if context_len + length - 1 > n_ctx:
+        fit = max(n_ctx + 1 - context_len, 0)
+        raise ValueError(f"context of {context_len} tokens + length {length} exceeds the model's "
+                         f"n_ctx {n_ctx} (at most {fit} new tokens fit)")
+
+
+def check_params(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError for settings no filter can apply (NaN included)."""
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+
+
+def _cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype the attention keys and values will have: autocast's, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+class Decoder:
+    """Rows decoded together on one preallocated KV cache (use under ``torch.inference_mode``).
+
+        dec = Decoder(model, context, max_new)     # prefill: dec.logits is [B, n_vocab] fp32
+        dec.feed(tokens)                           # [B] ids -> the next dec.logits
+        dec.keep([0, 2])                           # rows 1, 3, ... leave (their cache with them)
+
+    Keys and values are written in place into buffers with room for ``max_new`` more positions
+    (no torch.cat of every layer per token), and the prompt's logits are computed for its last
+    position only. Neither changes a single number.
+    """
+
+    def __init__(self, model: torch.nn.Module, context: torch.Tensor, max_new: int):
+        self.model = model
+        self.device = context.device
+        self.capacity = context.size(1) + max_new
+        past = empty_kv_cache(model.config, context.size(0), self.capacity, device=self.device,
+                              dtype=_cache_dtype(model, self.device))
+        logits, self.past = model(context, past=past, use_cache=True, last_only=True)
+        self.logits = logits[:, -1, :].float()
+
+    @property
+    def rows(self) -> int:
+        return self.logits.size(0)
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row; returns (and keeps) the next last-position logits."""
+        logits, self.past = self.model(tokens[:, None], past=self.past, use_cache=True)
+        self.logits = logits[:, -1, :].float()
+        return self.logits
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order), copied into buffers that still have room."""
+        index = torch.tensor(rows, device=self.device)
+        self.logits = self.logits[index]
+        self.past = [(_regrow(k[index], self.capacity), _regrow(v[index], self.capacity))
+                     for k, v in self.past]
+
+
+def _regrow(cached: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``cached`` [B, H, S, D] copied into a buffer of ``capacity`` positions (a view of S)."""
+    B, H, S, D = cached.shape
+    buf = torch.empty((B, H, capacity, D), dtype=cached.dtype, device=cached.device)
+    buf[:, :, :S].copy_(cached)
+    return buf[:, :, :S]
+
+
+def decode(model: torch.nn.Module, context: torch.Tensor, length: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None,
+           finished: Callable[[int, list[int]], bool] | None = None,
+           progress: bool | None = False) -> list[list[int]]:
+    """Continue each row of ``context`` [B, T] by up to ``length`` tokens: the new ids per row.
+
+    After each step, a row for which ``finished(row, its new ids)`` is true stops and leaves
+    the batch; the loop ends when every row has finished or ``length`` tokens were made. The
+    model runs in eval mode and inference mode, with the CPU decode kernels, and is put back
+    as it was. ``progress`` shows a tqdm bar (None: only when stderr is a terminal).
+    """
+    check_fits(context.size(1), length, model.config.n_ctx)
+    check_params(temperature, top_k, top_p)
+    rows = context.size(0)
+    if length == 0:
+        return [[] for _ in range(rows)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), decode_kernels(model):
+            return _decode(Decoder(model, context, length), length, temperature, top_k, top_p,
+                           generator, finished, progress)
+    finally:
+        model.train(was_training)
+
+
+def _decode(dec: Decoder, length: int, temperature: float, top_k: int, top_p: float,
+            generator, finished, progress) -> list[list[int]]:
+    tokens: list[list[int]] = [[] for _ in range(dec.rows)]
+    steps: list[torch.Tensor] = []  # without `finished`: no per-step conversion to Python
+    alive = list(range(dec.rows))   # rows still decoding, in batch order
+    bar = tqdm(total=length, desc="sampling", unit="tok", leave=False,
+               disable=None if progress is None else not progress)
+    for step in range(length):
+        new = next_token(dec.logits, temperature, top_k, top_p, generator)
+        bar.update()
+        if finished is None:
+            steps.append(new)
+        else:
+            keep = []
+            for j, (row, token) in enumerate(zip(alive, new.tolist())):
+                tokens[row].append(token)
+                if not finished(row, tokens[row]):
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                dec.keep(keep)
+                new = new[torch.tensor(keep, device=new.device)]
+                alive = [alive[j] for j in keep]
+        if step < length - 1:
+            dec.feed(new)
+    bar.close()
+    if finished is None:
+        return torch.stack(steps, dim=1).tolist()
+    return tokens
+
+
+def sample_sequence(model: torch.nn.Module, length: int, context: torch.Tensor,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int | None = None, stop_at_eot: bool = False, eot_token: int = 50256,
+                    generator: torch.Generator | None = None,
+                    progress: bool | None = False) -> torch.Tensor:
+    """Continue ``context`` [B, T] by ``length`` tokens; returns context + new tokens [B, T+length].
+
+    ``temperature=0`` or ``top_k=1`` is greedy. ``seed`` seeds a fresh generator on the model's
+    device (same seed, same samples); pass ``generator`` instead to continue one random stream
+    across calls. With ``stop_at_eot`` each row stops once it has produced ``eot_token`` and is
+    padded with it. ``progress`` shows a tqdm bar (None: only when stderr is a terminal).
+    """
+    if context.dim() != 2 or context.size(1) < 1:
+        raise ValueError(f"context must be [batch, tokens] with at least one token, "
+                         f"got shape {list(context.shape)}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    device = next(model.parameters()).device
+    context = context.to(device=device, dtype=torch.long)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    finished = (lambda row, ids: ids[-1] == eot_token) if stop_at_eot else None
+    new = decode(model, context, length, temperature, top_k, top_p, generator, finished,
+                 progress)
+    out = torch.full((context.size(0), context.size(1) + length), eot_token, dtype=torch.long,
+                     device=device)
+    out[:, :context.size(1)] = context
+    for row, ids in enumerate(new):
+        out[row, context.size(1):context.size(1) + len(ids)] = torch.tensor(ids, device=device)
+    return out
+
+
+def cut_at_stop(text: str, stop: list[str]) -> int | None:
+    """Index of the earliest stop string in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate_batch(model: torch.nn.Module, enc, context: list[int], n: int, length: int,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   stop: list[str] | None = None, generator: torch.Generator | None = None
+                   ) -> list[str]:
+    """``n`` continuations of one ``context`` (token ids), decoded, each cut at its first stop.
+
+    ``enc`` needs only ``decode(ids) -> str``. A row that produced a stop string stops
+    generating; the loop ends when every row has stopped or ``length`` tokens were made.
+    """
+    stop = [s for s in (stop or []) if s]
+    device = next(model.parameters()).device
+    texts: list[str | None] = [None] * n
+
+    def finished(row: int, ids: list[int]) -> bool:
+        text = enc.decode(ids)
+        cut = cut_at_stop(text, stop)
+        if cut is not None:
+            texts[row] = text[:cut]
+        return cut is not None
+
+    x = torch.tensor([context] * n, dtype=torch.long, device=device)
+    new = decode(model, x, length, temperature, top_k, top_p, generator,
+                 finished if stop else None)
+    return [t if t is not None else enc.decode(new[i]) for i, t in enumerate(texts)]

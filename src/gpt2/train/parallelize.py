@@ -1,0 +1,213 @@
+"""Everything wrapped around a plain GPT for training, each applied from outside the model.
+
+    parallel = parallelize(model, dist, fsdp=False, compile=False, checkpoint_blocks=[0, 1])
+    loss = parallel.train_model(x, targets=y)           # DDP/FSDP-wrapped and compiled
+    with parallel.no_sync(last_micro_step): loss.backward()
+    model_to_save = parallel.full_model()               # the whole model, on rank 0
+    tensors, meta = parallel.optimizer_state(optimizer)
+
+torchtitan's shape: the model module knows nothing of any of this. Each ``apply_*`` function
+takes a plain module and returns it wrapped (or changed in place); :func:`parallelize` composes
+them and returns a :class:`Parallel`, which is all the training loop holds, so the loop never
+asks which wrappers are on. Under FSDP the weights and optimizer state are sharded across the
+ranks and every forward is a collective; :class:`Parallel` hides both (gathered state dicts,
+evenly padded validation batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..model import GPT
+from . import distributed, optim
+from .distributed import DistInfo
+
+
+def parse_blocks(spec: str, n_layer: int) -> list[int]:
+    """Which transformer blocks to checkpoint: ``all``, ``every:N`` (0, N, 2N, ...) or ``0,3,5``."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(range(n_layer))
+    try:
+        if spec.startswith("every:"):
+            step = int(spec[len("every:"):])
+            if step < 1:
+                raise ValueError
+            return list(range(0, n_layer, step))
+        blocks = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"expected 'all', 'every:N' or a list like '0,3,5', got {spec!r}") from None
+    bad = [b for b in blocks if not 0 <= b < n_layer]
+    if bad or not blocks:
+        raise ValueError(f"block indices must be in 0..{n_layer - 1}, got {spec!r}")
+    return blocks
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks: list[int]) -> None:
+    """Recompute the chosen blocks' activations during backward instead of storing them.
+
+    Each block's ``forward`` is wrapped on the instance, so parameter names (and therefore saved
+    weights) are unchanged. Only gradient-carrying calls without a KV cache are checkpointed:
+    sampling and validation run the plain forward.
+    """
+    for i in blocks:
+        block = model.h[i]
+        plain = block.forward
+
+        def forward(x, past=None, _plain=plain):
+            if past is None and torch.is_grad_enabled():
+                return checkpoint(_plain, x, use_reentrant=False)
+            return _plain(x, past)
+
+        block.forward = forward
+
+
+def apply_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
+    """A full replica per rank; DDP broadcasts rank 0's weights when it wraps."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def apply_fsdp(model: GPT) -> GPT:
+    """FSDP2: shard each block, then the root (wte, wpe, ln_f), in place.
+
+    FSDP2 does not broadcast, so every rank must already hold the same weights (the same
+    file, or the same seed for a fresh model).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    return torch.compile(model)
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class Parallel:
+    """The model as built, the module that trains, and how to get whole state out of them."""
+
+    def __init__(self, model: GPT, train_model: nn.Module, dist: DistInfo, sharded: bool):
+        self.model = model              # names are what gpt2.load_model expects
+        self.train_model = train_model  # wrapped and compiled: forward/backward run on it
+        self.dist = dist
+        self.sharded = sharded
+        # Validation and sampling run the module as built, uncompiled. Under FSDP that is the
+        # sharded module itself (fully_shard works in place): its forward is a collective.
+        self.eval_model = model
+
+    def no_sync(self, last_micro_step: bool):
+        """Sync gradients only on the last backward of an accumulated update."""
+        m = self.train_model  # (torch.compile's wrapper forwards attributes to the module)
+        if hasattr(m, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
+            m.set_requires_gradient_sync(last_micro_step)
+            return contextlib.nullcontext()
+        if not last_micro_step and hasattr(m, "no_sync"):  # DDP
+            return m.no_sync()
+        return contextlib.nullcontext()
+
+    def synced(self, training: bool = True):
+        """Around a forward/backward of :attr:`train_model` (or a forward of
+        :attr:`eval_model`): DDP's and FSDP's communication failing because of another rank
+        becomes :class:`~.distributed.CommError`. Blocks that do not communicate are left
+        alone."""
+        talks = self.dist.enabled and self.dist.launcher != "horovod" if training \
+            else self.sharded
+        return distributed.collective(self.dist) if talks else contextlib.nullcontext()
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, accumulation: int):
+        """Horovod averages gradients in the optimizer; everything else already has."""
+        if self.dist.launcher == "horovod":
+            return distributed.horovod_optimizer(optimizer, self.model, accumulation)
+        return optimizer
+
+    def my_batches(self, n: int) -> list[int]:
+        """This rank's share of ``n`` validation batches (every world_size-th). Under FSDP the
+        forward is a collective, so every rank runs as many (indices >= n are padding)."""
+        ws, rank = self.dist.world_size, self.dist.rank
+        return list(range(rank, -(-n // ws) * ws if self.sharded else n, ws))
+
+    def full_model(self) -> GPT:
+        """The model to write: itself, or under FSDP a CPU copy of the gathered weights (on
+        rank 0; a collective, so every rank calls it)."""
+        if not self.sharded:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=_full_state_options())
+        if not self.dist.is_main:
+            return self.model
+        with torch.device("meta"):  # no second random initialisation of a large model
+            full = GPT(self.model.config)
+        full.load_state_dict(sd, strict=False, assign=True)
+        full.lm_head.weight = full.wte.weight  # assign=True untied them
+        missing = [n for n, p in full.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"FSDP gather did not return {missing[:3]}")
+        return full
+
+    def optimizer_state(self, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+        """The optimizer state by parameter name; under FSDP gathered whole (a collective)."""
+        if not self.sharded:
+            return optim.optimizer_state(optimizer, self.model)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(self.model, optimizer, options=_full_state_options())
+        tensors, extra = {}, {}
+        for name, slots in osd.get("state", {}).items():
+            for key, value in slots.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+                elif value is not None:
+                    extra[f"{name}/{key}"] = value
+        names = [n for g in osd.get("param_groups", []) for n in g["params"]]
+        return tensors, {"class": type(optimizer).__name__, "params": names, "extra": extra}
+
+    def load_optimizer_state(self, optimizer, tensors: dict[str, torch.Tensor], meta: dict
+                             ) -> str | None:
+        """Restore :meth:`optimizer_state`'s output; returns why it does not fit, or None."""
+        if not self.sharded:
+            return optim.load_optimizer_state(optimizer, self.model, tensors, meta)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, \
+            set_optimizer_state_dict
+
+        # Every rank read the whole file; each keeps its own shard of it.
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if meta.get("class") != type(optimizer).__name__ or meta.get("params") != names:
+            return "it was saved for another optimizer or another set of trainable parameters"
+        state: dict[str, dict] = {}
+        for key, value in list(tensors.items()) + list(meta.get("extra", {}).items()):
+            name, _, slot = key.rpartition("/")
+            state.setdefault(name, {})[slot] = value
+        it = iter(names)
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [next(it) for _ in g["params"]]} for g in optimizer.param_groups]
+        set_optimizer_state_dict(self.model, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+        return None
+
+
+def parallelize(model: GPT, dist: DistInfo, *, fsdp: bool, compile: bool,
+                checkpoint_blocks: list[int]) -> Parallel:
+    """Activation checkpointing, then DDP or FSDP (several processes), then torch.compile."""
+    if checkpoint_blocks:
+        apply_activation_checkpointing(model, checkpoint_blocks)
+    wrapped, sharded = model, False
+    if dist.enabled and dist.launcher != "horovod":
+        sharded = fsdp
+        wrapped = apply_fsdp(model) if fsdp else apply_ddp(model, dist)
+    return Parallel(model, apply_compile(wrapped) if compile else wrapped, dist, sharded)

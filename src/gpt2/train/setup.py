@@ -1,0 +1,105 @@
+"""The parts of a run's setup that are decisions rather than steps: seeds, the loss chunk, the
+memory check, resuming every rank's random streams, and the lines that describe the run.
+
+    seed = choose_seed(cfg.seed, state, dist)
+    restore_rngs(state, dist, noise_rng, log)
+    for line in describe_run(...): log(line)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..model import GPT, GPTConfig
+from . import distributed, memory
+from .config import TrainConfig
+from .distributed import DistInfo
+from .state import set_rng_state
+
+
+def resolve_loss_chunk(loss_chunk: int | None, config: GPTConfig, device: torch.device) -> int:
+    """None (auto) -> 256-row chunks for a GPT-2-sized vocabulary on the CPU, else 0 (plain).
+
+    Measured on CPU (bench/RESULTS.md): +6-9% per 124M step and no [B, T, V] logits; with a
+    vocabulary of a few thousand ids the logits are small and chunking costs 4-9%. On CUDA it
+    stays off until measured there (fused cross-entropy under torch.compile is the peer).
+    """
+    if loss_chunk is not None:
+        return loss_chunk
+    return 256 if device.type == "cpu" and config.n_vocab >= 16384 else 0
+
+
+def choose_seed(seed: int | None, state: dict | None, dist: DistInfo) -> int:
+    """A resumed run keeps its seed; else --seed, else a random one. The same on every rank:
+    a fresh model must start identical everywhere (FSDP does not broadcast), and each rank's
+    data stream is then told apart by its rank alone."""
+    chosen = state["seed"] if state else (
+        seed if seed is not None else random.SystemRandom().randrange(2**31))
+    return distributed.broadcast_object(chosen, dist)
+
+
+def seed_globals(seed: int) -> None:
+    """Same seed, same run: dropout and anything else drawing from the global RNGs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def restore_rngs(state: dict, dist: DistInfo, noise_rng: np.random.Generator,
+                 log: Callable[[str], None]) -> None:
+    """Each rank's own RNGs when the run resumes on as many ranks as it was saved from;
+    otherwise rank 0's, and the other ranks keep the streams they were seeded with."""
+    ranks = state.get("ranks") or [{k: state[k] for k in ("noise_rng", "rng") if k in state}]
+    rank, world = dist.rank, dist.world_size
+    if len(ranks) != world:
+        log(f"note: the checkpoint was saved by {len(ranks)} process(es), this run has {world}: "
+            "weights, optimizer, step and data position resume, per-rank random streams restart")
+    own = ranks[rank] if len(ranks) == world else (ranks[0] if rank == 0 else {})
+    if "noise_rng" in own:
+        noise_rng.bit_generator.state = own["noise_rng"]
+    if "rng" in own:
+        set_rng_state(own["rng"])
+
+
+def memory_summary(cfg: TrainConfig, config: GPTConfig, device: torch.device, precision: str,
+                   checkpointed: int, world_size: int, loss_chunk: int) -> str:
+    """The memory estimate's line; UserError with advice when the run clearly cannot fit."""
+    summary = memory.check_fits(
+        config, cfg.batch_size, precision, cfg.optimizer, device,
+        cfg.only_train_transformer_layers, checkpointed, config.n_ctx, cfg.skip_memory_check,
+        fsdp_world_size=world_size if cfg.fsdp else 1, chunked_loss=loss_chunk > 0)
+    return (f"Memory estimate ({device.type}, {precision}, batch {cfg.batch_size} x "
+            f"{config.n_ctx}): {summary}")
+
+
+def describe_run(cfg: TrainConfig, dist: DistInfo, model: GPT, precision: str, compiled: bool,
+                 blocks: list[int], sharded: bool) -> list[str]:
+    """The lines printed once everything is built: the model, and the batch across ranks."""
+    world, seq_len = dist.world_size, model.config.n_ctx
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = [f"Model: {model.num_params():,} parameters ({n_train:,} trainable); "
+             f"{dist.device}, {precision}, {cfg.optimizer}, batch {cfg.batch_size} x "
+             f"{cfg.accumulate_gradients} x {seq_len} tokens"
+             + (", compiled" if compiled else "")
+             + (f", checkpointing {len(blocks)} blocks" if blocks else "")]
+    if not dist.enabled:
+        if cfg.fsdp:
+            lines.append("note: --fsdp has no effect in a one-process run (nothing to shard "
+                         "across)")
+        return lines
+    windows = cfg.batch_size * world * cfg.accumulate_gradients
+    backend = "nccl" if dist.device.type == "cuda" else "gloo"
+    lines.append(f"Distributed: {world} processes ({dist.launcher}, "
+                 f"{'FSDP' if sharded else 'DDP'}, {backend}); effective batch "
+                 f"{cfg.batch_size} x {world} ranks x {cfg.accumulate_gradients} accumulation = "
+                 f"{windows} windows = {windows * seq_len:,} tokens per update")
+    lines.append(f"note: --learning_rate {cfg.learning_rate:g} applies to the gradient averaged "
+                 "over the whole effective batch; it is not scaled with the number of processes. "
+                 f"Scale it by hand if you want (e.g. x{world} linear or "
+                 f"x{math.sqrt(world):.2f} square-root rule).")
+    return lines

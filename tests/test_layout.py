@@ -1,0 +1,139 @@
+"""The package's shape, checked: sizes, imports, and that every writer goes through one helper.
+
+These are the rules DEVELOPERS.md states; a change that breaks one fails here with the place.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gpt2"
+MAX_FUNCTION, MAX_CLASS, MAX_MODULE = 80, 300, 500
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file, for every module of the package."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
+def imports(name: str, path: Path) -> list[tuple[str, list[str], int]]:
+    """(imported module, names taken from it, line) for every import, also inside functions."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree(path)):
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = (f"{base}.{node.module}" if node.module else base) if node.level \
+                else node.module
+            found.append((target, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names]
+    return found
+
+
+def test_sizes():
+    too_big = []
+    for name, path in modules().items():
+        lines = path.read_text(encoding="utf-8").count("\n")
+        if lines > MAX_MODULE:
+            too_big.append(f"{name}: module of {lines} lines")
+        for node in ast.walk(tree(path)):
+            span = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and span > MAX_FUNCTION:
+                too_big.append(f"{name}.{node.name}: function of {span} lines")
+            if isinstance(node, ast.ClassDef) and span > MAX_CLASS:
+                too_big.append(f"{name}.{node.name}: class of {span} lines")
+    assert not too_big, "\n".join(too_big)
+
+
+def test_no_private_names_imported_across_modules():
+    mods = modules()
+    bad = []
+    for name, path in mods.items():
+        for target, names, line in imports(name, path):
+            if target in mods:
+                bad += [f"{path.name}:{line}: {target}.{n}" for n in names
+                        if n.startswith("_") and n != "__version__"]
+        # module._private through an imported module object
+        aliases = {}
+        for node in ast.walk(tree(path)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                for a in node.names:
+                    aliases[a.asname or a.name] = a.name
+        for node in ast.walk(tree(path)):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in aliases and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                bad.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        # A module's own packages are already importing when it runs: not edges.
+        ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        deps = set()
+        for target, names, _ in imports(name, path):
+            # a submodule import runs every package __init__ on the way
+            parts = target.split(".")
+            candidates = [".".join(parts[:i]) for i in range(2, len(parts) + 1)]
+            candidates += [f"{target}.{n}" for n in names]
+            deps |= {t for t in candidates if t in mods and t != name and t not in ancestors}
+        graph[name] = deps
+
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "\n".join(cycles)
+
+
+def _calls(path: Path, dotted: str) -> list[int]:
+    mod, _, attr = dotted.rpartition(".")
+    return [n.lineno for n in ast.walk(tree(path)) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute) and n.func.attr == attr
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == mod]
+
+
+@pytest.mark.parametrize("call", ["tempfile.mkstemp", "tempfile.mkdtemp", "os._exit"])
+def test_one_way_to_write_a_file(call):
+    """Temporary files and renames come from gpt2.io.atomic; nothing leaves the process by
+    os._exit except the distributed module, where the reason is written down."""
+    allowed = {"os._exit": {"gpt2.train.distributed"}}.get(call, set())
+    found = [f"{name}:{line}" for name, path in modules().items() if name not in allowed
+             for line in _calls(path, call)]
+    assert not found, f"{call} in " + ", ".join(found)
+
+
+def test_renames_only_in_the_atomic_helpers():
+    allowed = {"gpt2.io.atomic", "gpt2.io.download", "gpt2.train.run_dir"}
+    found = [f"{name}:{line}" for name, path in modules().items() if name not in allowed
+             for line in _calls(path, "os.replace") + _calls(path, "os.rename")]
+    assert not found, "os.replace outside gpt2.io.atomic: " + ", ".join(found)
