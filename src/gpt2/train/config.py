@@ -34,10 +34,12 @@ OUTPUTS = "outputs"
 
 
 def flag(default, help: str, *, group: str = CONTROLS, check: Callable | None = None,
-         choices: tuple | None = None, metavar: str | None = None):
-    """A TrainConfig field that is also a command-line flag."""
+         choices: tuple | None = None, metavar: str | None = None, shown: str | None = None):
+    """A TrainConfig field that is also a command-line flag. ``shown``: what a default of None
+    means, in words (README's flag tables say the same; a test compares them)."""
     return field(default=default, metadata={"help": help, "group": group, "check": check,
-                                            "choices": choices, "metavar": metavar})
+                                            "choices": choices, "metavar": metavar,
+                                            "shown": shown})
 
 
 def at_least(low: float) -> Callable:
@@ -104,14 +106,15 @@ class TrainConfig:
                              check=at_least(0), metavar="N")
     sample_length: int | None = flag(
         None, "Tokens per sample (default n_ctx - 1: 1023 for GPT-2).", group=ORIGINAL,
-        check=at_least(1), metavar="TOKENS")
+        check=at_least(1), metavar="TOKENS", shown="n_ctx − 1")
     sample_num: int = flag(1, "Samples per sampling event.", group=ORIGINAL, check=at_least(1),
                            metavar="N")
     save_every: int = flag(1000, "Save a checkpoint every N steps (0: only at the end or on "
                            "Ctrl-C).", group=ORIGINAL, check=at_least(0), metavar="N")
     val_dataset: str | None = flag(
         None, "Dataset for validation loss (default: the dataset's valid/ split, "
-        "--val_fraction of it, or else the training data).", group=ORIGINAL, metavar="PATH")
+        "--val_fraction of it, or else the training data).", group=ORIGINAL, metavar="PATH",
+        shown="none")
     val_batch_size: int = flag(2, "Windows per validation batch.", group=ORIGINAL,
                                check=at_least(1))
     val_batch_count: int = flag(40, "Validation batches (fixed windows, drawn once).",
@@ -123,18 +126,18 @@ class TrainConfig:
                            metavar="DIR")
     model_dir: str | None = flag(
         None, "Model directory to start from (overrides --models_dir/--model_name).",
-        group=LOCATION, metavar="DIR")
+        group=LOCATION, metavar="DIR", shown="none")
     init: str = flag(
         "pretrained", "'fresh': random weights from the model directory's hparams.json (train "
         "from scratch; it needs only hparams.json and the encoder files).", group=LOCATION,
         choices=("pretrained", "fresh"))
     dropout: float | None = flag(
         None, "Dropout probability (default: the model's, 0 for released models).",
-        group=LOCATION, check=in_range(0.0, 1.0))
+        group=LOCATION, check=in_range(0.0, 1.0), shown="the model's")
     # -- training controls
     max_steps: int | None = flag(
         None, "Stop after N updates in total, counted across resumes (default: run until "
-        "Ctrl-C).", check=at_least(0), metavar="N")
+        "Ctrl-C).", check=at_least(0), metavar="N", shown="none")
     weight_decay: float = flag(0.0, "Weight decay for matrices and embeddings (decoupled with "
                                "adamw).", check=nonneg_number)
     lr_schedule: str = flag("constant", "Learning-rate schedule after warm-up; cosine decays "
@@ -146,19 +149,20 @@ class TrainConfig:
     precision: str = flag(AUTO, "auto: bf16 on a GPU that supports it, else fp32. fp16 uses a "
                           "gradient scaler.", choices=(AUTO,) + PRECISIONS)
     compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off for "
-                                "CPU).")
+                                "CPU).", shown="on for CUDA")
     memory_saving_blocks: str = flag(
         "all", "Blocks to checkpoint with --memory_saving_gradients: all, every:N, or a list "
         "like 0,3,5.", metavar="WHICH")
     seed: int | None = flag(None, "Seed for initialisation, data order, noise and dropout "
-                            "(default: random; a resumed run keeps its own).")
+                            "(default: random; a resumed run keeps its own).", shown="random")
     device: str | None = flag(None, "cpu, cuda, cuda:1, ... (default: this process's GPU if "
-                              "there is one; a distributed run picks GPU LOCAL_RANK).")
+                              "there is one; a distributed run picks GPU LOCAL_RANK).",
+                              shown="cuda if available")
     lora_rank: int = flag(0, "Train rank-R LoRA adapters instead of all weights (0: off). "
                           "Checkpoints hold the merged weights plus adapter/ (lora.json + "
                           "adapter.safetensors).", check=at_least(0))
     lora_alpha: float | None = flag(None, "LoRA scale alpha (the update is alpha/rank * B A; "
-                                    "default 2 * rank).")
+                                    "default 2 * rank).", shown="2 x rank")
     lora_targets: str = flag("c_attn", "Comma-separated layers to adapt: c_attn, c_proj, c_fc, "
                              "attn.c_proj, mlp.c_proj.")
     val_fraction: float = flag(
@@ -170,7 +174,7 @@ class TrainConfig:
     loss_chunk: int | None = flag(
         None, "Compute the loss ROWS positions at a time, never holding the whole batch's "
         "logits (0: off; default: 256 on CPU for vocabularies of 16k+ ids, off on GPU).",
-        check=at_least(0), metavar="ROWS")
+        check=at_least(0), metavar="ROWS", shown="256 on CPU for 16k+ ids, else 0")
     skip_memory_check: bool = flag(False, "Start even when the memory estimate exceeds the "
                                    "free memory.")
     # -- distributed
@@ -197,7 +201,8 @@ class TrainConfig:
         "TensorBoard, in <checkpoint_dir>/<run_name>/tensorboard (needs: pip install "
         "'gpt2[tensorboard]').", group=OUTPUTS)
     tensorboard_dir: str | None = flag(None, "TensorBoard log folder (implies --tensorboard).",
-                                       group=OUTPUTS, metavar="DIR")
+                                       group=OUTPUTS, metavar="DIR",
+                                       shown="checkpoint/<run>/tensorboard")
 
     @property
     def wants_tensorboard(self) -> bool:
