@@ -105,8 +105,8 @@ def encode_cli(corpus: Path, out: Path, vocab: Path, workers: int) -> tuple[floa
 
 def encode_library(corpus: Path, out: Path, vocab: Path, workers: int, backend: str
                    ) -> tuple[float, int]:
-    code = ("import sys; from gpt2.tokenizer import load_encoder; from gpt2.data import encode; "
-            f"encode.encode_to_bin({str(corpus)!r}, {str(out)!r}, load_encoder({str(vocab)!r}), "
+    code = ("import sys; from gpt2.tokenizer import load_encoder; from gpt2.data import write; "
+            f"write.encode_to_bin({str(corpus)!r}, {str(out)!r}, load_encoder({str(vocab)!r}), "
             f"workers={workers}, backend={backend!r}, quiet=True)")
     return run_measured([sys.executable, "-c", code])
 

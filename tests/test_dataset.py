@@ -14,9 +14,11 @@ import gpt2_vocab
 from gpt2.data import encode as data_encode
 from gpt2.data import sources
 from gpt2.data.dataset import load_dataset
-from gpt2.data.encode import encode_to_bin, pieces, splits_cleanly
+from gpt2.data.encode import pieces, splits_cleanly
+from gpt2.data.write import encode_to_bin
 from gpt2.data.sampler import Sampler, validation_batches
 from gpt2.data.sources import expand_paths
+from gpt2.data.tokens import chunk_table as _chunk_table
 from gpt2.data.splits import find_corpus_splits, split_validation
 from gpt2.errors import UserError
 
@@ -78,8 +80,10 @@ def corpus(tmp_path):
 
 
 def texts_in_order() -> list[str]:
-    # Universal newlines, as open() reads text; sorted by path.
-    return [DOCS[k].replace("\r\n", "\n") for k in sorted(DOCS)]
+    # Universal newlines, as open() reads text; sorted by path; a literal <|endoftext|> ends a
+    # document (b/d.md holds two).
+    return [doc for k in sorted(DOCS) for doc in
+            DOCS[k].replace("\r\n", "\n").split("<|endoftext|>") if doc]
 
 
 def test_expand_paths_sorted_recursive_glob_and_errors(corpus, tmp_path):
@@ -179,10 +183,11 @@ def test_bin_round_trip_and_flat_layout(corpus, enc, ref, tmp_path):
     # The flat file is every document separated by the id; chunks are views into it.
     assert flat.tolist() == joined(ref, texts_in_order())
     assert index["dtype"] == "uint16" and index["n_tokens"] == len(flat)
-    assert index["n_documents"] == len(DOCS)
+    assert index["n_documents"] == len(texts_in_order())
     chunks = load_dataset(out, enc, quiet=True)
     assert all(isinstance(c, np.memmap) for c in chunks)
-    assert [c.tolist() for c in chunks] == [flat[s:s + n].tolist() for s, n in index["chunks"]]
+    table = _chunk_table(index)
+    assert [c.tolist() for c in chunks] == [flat[s:s + n].tolist() for s, n in table]
     assert np.concatenate([np.append(c, EOT) for c in chunks])[:-1].tolist() == flat.tolist()
     with pytest.raises(UserError, match="index"):
         (tmp_path / "out.bin.json").unlink()
@@ -312,7 +317,7 @@ def test_split_validation_cuts_last_fraction():
     chunks = tagged_chunks([100, 70, 30])
     train, val, msg = split_validation(chunks, 0.25)
     assert sum(map(len, val)) == 50 and sum(map(len, train)) == 150
-    assert np.concatenate(train + val).tolist() == list(range(200))
+    assert np.concatenate(list(train) + list(val)).tolist() == list(range(200))
     assert [len(c) for c in val] == [20, 30]  # cut inside the second chunk; boundaries kept
     assert "50 of 200 tokens" in msg
     again = split_validation(chunks, 0.25)

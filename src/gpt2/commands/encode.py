@@ -3,14 +3,18 @@
     PYTHONPATH=src ./encode.py [--model_name 124M] [--combine 50000] IN OUT.npz
     python -m gpt2 encode --workers 2 corpus/ corpus.bin
 
-IN is a file, a directory (recursive, sorted) or a glob of text, ``.jsonl``, ``.csv``, ``.npz``
-or ``.bin`` files (see :mod:`gpt2.data.sources`). OUT's extension picks the format:
+IN is a file, a directory (recursive, sorted) or a glob of text, ``.jsonl``, ``.csv``,
+``.parquet``, ``.npz`` or ``.bin`` files, the text kinds also ``.gz``/``.bz2``/``.xz``/``.zst``
+compressed (see :mod:`gpt2.data.sources`). OUT's extension picks the format:
 
 - ``.npz``: the original layout (``arr_0``, ``arr_1``, ... one chunk each, compressed), for
   tooling written against the original ``encode.py``;
 - ``.bin``: one flat memory-mappable token file (uint16, or uint32 for vocabularies above 65,536)
   with documents separated by ``<|endoftext|>``'s id, plus ``OUT.bin.json`` (chunks, counts,
-  encoder fingerprint, sources). Encoded as a stream on every core; not redone when up to date.
+  encoder fingerprint, sources). Encoded as a stream on every core; not redone when up to date;
+- a directory (``OUT/``): ``.bin`` shards of about ``--shard_tokens`` tokens, each with its own
+  index; ``--num_shards K --shard_index I`` encodes only the I-th of K disjoint parts of the
+  input, for Slurm array jobs or any scheduler.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import argparse
 
 from ..cli import ArgumentParser
-from ..data.encode import default_workers, encode_corpus
+from ..data.encode import default_workers
+from ..data.write import encode_corpus
 from ..io.paths import resolve_model_dir
 
 
@@ -37,10 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="encoding processes (default: the number of cores)")
+    p.add_argument("--text_field", default="text", metavar="NAME",
+                   help="the field holding the text in .jsonl records, the column in .parquet")
+    p.add_argument("--literal_endoftext", action="store_true",
+                   help="keep <|endoftext|> in text as ordinary text (7 tokens), as the original "
+                        "did, instead of separating documents there")
+    p.add_argument("--shard_tokens", type=int, default=None, metavar="N",
+                   help="with OUT a directory: start a new shard after about N tokens "
+                        "(documents are never split; default: one shard)")
+    p.add_argument("--num_shards", type=int, default=1, metavar="K",
+                   help="split the input into K disjoint parts (for array jobs) ...")
+    p.add_argument("--shard_index", type=int, default=0, metavar="I",
+                   help="... and encode only part I (0..K-1) into OUT/shard-I-*.bin")
     p.add_argument("--force", action="store_true", help="encode even if OUT is up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("in_text", metavar="IN", help="a file, directory or glob")
-    p.add_argument("out", metavar="OUT", help="OUT.npz or OUT.bin")
+    p.add_argument("out", metavar="OUT",
+                   help="OUT.npz, OUT.bin, or a directory (end it with /) for .bin shards")
     return p
 
 
@@ -50,5 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model_dir(args.model_name, args.models_dir, args.model_dir)
     encode_corpus(args.in_text, args.out, model_dir, combine=args.combine,
                   encoding=args.encoding, workers=args.workers, force=args.force,
-                  quiet=args.quiet)
+                  quiet=args.quiet, text_field=args.text_field,
+                  split_eot=not args.literal_endoftext, shard_tokens=args.shard_tokens,
+                  num_shards=args.num_shards, shard_index=args.shard_index)
     return 0

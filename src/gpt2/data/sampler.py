@@ -13,6 +13,7 @@ import secrets
 import numpy as np
 
 from ..errors import UserError
+from .tokens import TokenChunks
 
 
 class Sampler:
@@ -24,33 +25,29 @@ class Sampler:
     windows, and a resumed run draws exactly what an uninterrupted run would have.
     """
 
-    def __init__(self, chunks: list[np.ndarray], seed: int | None = None, rank: int = 0,
-                 world_size: int = 1, name: str = "dataset"):
-        self.chunks = [c for c in chunks if len(c)]
+    def __init__(self, chunks, seed: int | None = None, rank: int = 0, world_size: int = 1,
+                 name: str = "dataset"):
+        chunks = TokenChunks.of(chunks)
+        self.chunks = chunks.select(chunks.lengths > 0)
         self.seed = secrets.randbits(63) if seed is None else int(seed)
         self.rank, self.world_size, self.name = int(rank), int(world_size), name
         self.draws = 0
-        self.n_tokens = sum(len(c) for c in self.chunks)
+        self.n_tokens = self.chunks.n_tokens
         self._starts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _valid_starts(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the chunks a window of ``length`` fits in, cumulative counts of their starts)."""
         if length not in self._starts:
-            usable = np.array([i for i, c in enumerate(self.chunks) if len(c) >= length],
-                              dtype=np.int64)
+            lengths = self.chunks.lengths
+            usable = np.flatnonzero(lengths >= length)
             if len(usable) == 0:
-                longest = max((len(c) for c in self.chunks), default=0)
+                longest = int(lengths.max()) if len(lengths) else 0
                 raise UserError(
                     f"{self.name} has no document of at least {length} tokens (the longest "
                     f"chunk has {longest}); use more or longer text, a larger --combine, "
                     f"or a shorter window")
-            counts = np.array([len(self.chunks[i]) - length + 1 for i in usable], dtype=np.int64)
-            self._starts[length] = (usable, np.cumsum(counts))
+            self._starts[length] = (usable, np.cumsum(lengths[usable] - length + 1))
         return self._starts[length]
-
-    def _window(self, index: int, length: int, usable, cum) -> np.ndarray:
-        k = int(np.searchsorted(cum, index, side="right"))
-        start = index - (int(cum[k - 1]) if k else 0)
-        return self.chunks[usable[k]][start:start + length]
 
     def sample_batch(self, batch_size: int, length: int) -> np.ndarray:
         """``[batch_size, length]`` int64 windows."""
@@ -58,8 +55,10 @@ class Sampler:
         rng = np.random.default_rng([self.seed, self.rank, self.draws])
         self.draws += 1
         picks = rng.integers(0, int(cum[-1]), size=batch_size)
-        return np.stack([self._window(int(i), length, usable, cum) for i in picks]
-                        ).astype(np.int64)
+        k = np.searchsorted(cum, picks, side="right")
+        offsets = picks - np.where(k > 0, cum[np.maximum(k - 1, 0)], 0)
+        return np.stack([self.chunks.window(int(usable[c]), int(o), length)
+                         for c, o in zip(k, offsets)]).astype(np.int64)
 
     def sample(self, length: int) -> np.ndarray:
         """One window of ``length`` tokens."""
@@ -74,7 +73,7 @@ class Sampler:
         self.seed, self.draws = int(state["seed"]), int(state["draws"])
 
 
-def validation_batches(chunks: list[np.ndarray], n_batches: int, batch_size: int, length: int,
+def validation_batches(chunks, n_batches: int, batch_size: int, length: int,
                        seed: int = 1, name: str = "validation data") -> list[np.ndarray]:
     """Fixed validation windows, drawn once (the original: a Sampler seeded 1)."""
     sampler = Sampler(chunks, seed=seed, name=name)

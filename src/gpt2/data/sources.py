@@ -1,34 +1,73 @@
 """Where training text comes from: the files a path names, and the documents in each file.
 
-    paths = expand_paths("data/")             # a file, a directory (recursive, sorted) or a glob
-    for doc in documents(path, "utf-8"):      # each document: a stream of (text, bytes read)
+    paths = expand_paths("data/")                      # a file, a directory (recursive, sorted), a glob
+    for doc in documents(path, ReadOptions()):         # each document: a stream of (text, bytes read)
         for text, nbytes in doc: ...
+    parts = split_into_parts(paths, 16)                # 16 disjoint parts whose union is the whole
 
-File kinds, by extension:
+File kinds, by extension (after a compression suffix, if any):
 
 - text files: one document each, read in 1 MiB blocks with universal newlines;
-- ``.jsonl``: one document per record (its ``text`` field); ``.csv``: one per row (first column,
-  after a header row);
+- ``.jsonl``: one document per record (its ``text`` field, ``--text_field``); ``.csv``: one per
+  row (the first column, after a header row); ``.parquet``: one per row of the ``text`` column,
+  read a row group at a time (``pip install 'gpt2[parquet]'``);
+- ``.gz``, ``.bz2``, ``.xz`` and ``.zst`` versions of text, ``.jsonl`` and ``.csv`` files,
+  decompressed as a stream (``corpus.txt.gz``, ``pile.jsonl.zst``);
 - ``.npz`` and ``.bin`` (+ ``.bin.json``) are already tokens (:mod:`gpt2.data.tokens`).
+
+The literal text ``<|endoftext|>`` inside a document separates documents (as gpt-2-simple
+taught its users to join them), unless ``ReadOptions.split_eot`` is off.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import contextlib
 import csv
 import glob
+import gzip
 import io
 import json
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from ..errors import UserError
 from .tokens import INDEX_SUFFIX
 
 READ_BYTES = 1 << 20              # text is read 1 MiB at a time
 PRE_ENCODED = (".npz", ".bin")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+EOT = "<|endoftext|>"
+
+# (text, bytes of the file consumed, whether a document ends after this text)
+Segment = tuple[str, int, bool]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How text files are read: ``--encoding``, ``--text_field``, ``<|endoftext|>`` splitting."""
+
+    encoding: str = "utf-8"
+    text_field: str = "text"
+    split_eot: bool = True
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one reader reads of a file: all of it, or the records starting in [start, stop).
+
+    ``start``/``stop`` are byte offsets for uncompressed ``.jsonl`` files and row-group numbers
+    for ``.parquet``; other files are always read whole.
+    """
+
+    path: Path
+    start: int = 0
+    stop: int | None = None
 
 
 def expand_paths(path: str | os.PathLike) -> list[Path]:
@@ -49,6 +88,9 @@ def expand_paths(path: str | os.PathLike) -> list[Path]:
             files += [Path(root, n) for n in names if not n.startswith(".")]
     else:
         files = [Path(f) for f in glob.glob(text, recursive=True) if os.path.isfile(f)]
+    dangling = [f for f in files if not f.exists()]
+    if dangling:
+        raise UserError(f"{dangling[0]}: a link to a file that does not exist")
     files = sorted(files, key=lambda f: f.as_posix())
     given = set(files)
     files = [f for f in files
@@ -59,73 +101,283 @@ def expand_paths(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-# ----------------------------------------------------------------------------- reading documents
+def file_kind(path: Path) -> tuple[str, str | None]:
+    """(kind, compression): kind is text, jsonl, csv, parquet, npz or bin."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    base = suffixes[-1] if suffixes else ""
+    kinds = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".npz": "npz", ".bin": "bin"}
+    kind = kinds.get(base, "text")
+    if compression and kind in ("parquet", "npz", "bin"):
+        raise UserError(f"{path}: {base} files are read as they are, not {compression}-compressed"
+                        f"; decompress it first")
+    return kind, compression
 
-def text_blocks(path: Path, encoding: str) -> Iterator[tuple[str, int]]:
-    """(text, bytes read) blocks of a text file, decoded with universal newlines like open()."""
+
+# ----------------------------------------------------------------------------- opening files
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    """What the decompressors raise on a damaged or truncated stream."""
+    errors = (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
     try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+        import zstandard
+    except ImportError:
+        return errors
+    return errors + (zstandard.ZstdError,)
+
+
+@contextlib.contextmanager
+def _reading(path: Path, compression: str | None) -> Iterator[None]:
+    """A corrupt or unreadable file becomes one line naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except _corrupt_errors() as e:
+        raise UserError(f"{path}: not a valid {compression or 'text'} file ({e or 'truncated'})"
+                        ) from None
+    except OSError as e:
+        what = f"a {compression} file" if compression else "it"
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
+def open_stream(path: Path, compression: str | None) -> tuple[BinaryIO, BinaryIO]:
+    """(the decompressed byte stream, the raw file whose ``tell()`` says how far we read)."""
+    raw = open(path, "rb")
+    if compression is None:
+        return raw, raw
+    if compression == ".gz":
+        return gzip.GzipFile(fileobj=raw), raw
+    if compression == ".bz2":
+        return bz2.BZ2File(raw), raw
+    if compression == ".xz":
+        return lzma.LZMAFile(raw), raw
+    try:
+        import zstandard
+    except ImportError:
+        raw.close()
+        raise UserError(f"{path}: reading .zst needs the zstandard package: pip install "
+                        "zstandard") from None
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return io.BufferedReader(reader, READ_BYTES), raw
+
+
+# ----------------------------------------------------------------------------- reading segments
+
+def _decoder(encoding: str):
+    try:
+        return codecs.getincrementaldecoder(encoding)(errors="strict")
     except LookupError:
         raise UserError(f"unknown text encoding {encoding!r} (--encoding)") from None
-    offset, pending_cr = 0, ""
-    with open(path, "rb") as f:
+
+
+def _text_segments(part: Part, opts: ReadOptions, compression: str | None) -> Iterator[Segment]:
+    """A text file as one document: (text, bytes read) blocks with universal newlines."""
+    decoder = _decoder(opts.encoding)
+    offset, pending_cr, done = 0, "", 0
+    stream, raw = open_stream(part.path, compression)
+    with raw, stream, _reading(part.path, compression):
         while True:
-            raw = f.read(READ_BYTES)
+            data = stream.read(READ_BYTES)
             try:
-                text = decoder.decode(raw, final=not raw)
+                text = decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
                 at = offset + max(e.start, 0)
-                raise UserError(f"{path}: byte {at} is not valid {encoding}; is it a text file? "
-                                f"(pass the right --encoding, e.g. latin-1)") from None
-            offset += len(raw)
+                raise UserError(f"{part.path}: byte {at} is not valid {opts.encoding}; is it a "
+                                "text file? (pass the right --encoding, e.g. latin-1)") from None
+            offset += len(data)
             text = pending_cr + text
             # A "\r" at a block's end may be the first half of "\r\n": hold it back.
-            pending_cr = "\r" if raw and text.endswith("\r") else ""
+            pending_cr = "\r" if data and text.endswith("\r") else ""
             if pending_cr:
                 text = text[:-1]
             if "\r" in text:
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
-            yield text, len(raw)
-            if not raw:
+            pos = raw.tell()
+            yield text, pos - done, not data
+            done = pos
+            if not data:
                 return
 
 
-def _jsonl_documents(path: Path, encoding: str) -> Iterator[tuple[str, int]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+def _record_text(record, field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a .jsonl record must be a JSON object")
+    if field not in record:
+        fields = ", ".join(f'"{k}"' for k in list(record)[:8]) or "none"
+        raise UserError(f'{where}: the record has no "{field}" field (--text_field picks '
+                        f"another; it has {fields})")
+    if not isinstance(record[field], str):
+        raise UserError(f'{where}: its "{field}" field is {type(record[field]).__name__}, not '
+                        "a string")
+    return record[field]
+
+
+def _jsonl_segments(part: Part, opts: ReadOptions, compression: str | None
+                    ) -> Iterator[Segment]:
+    stream, raw = open_stream(part.path, compression)
+    with raw, stream, _reading(part.path, compression):
+        lineno, done = 0, 0
+        if part.start:  # a record that began before our range belongs to the previous part
+            raw.seek(part.start - 1)
+            if raw.read(1) != b"\n":
+                raw.readline()
+        while part.stop is None or raw.tell() < part.stop:
+            data = stream.readline()
+            if not data:
+                return
+            lineno += 1
+            where = (f"{part.path}:{lineno}" if not part.start else
+                     f"{part.path}: the record at byte {raw.tell() - len(data)}")
             try:
-                line = raw.decode(encoding)
+                line = data.decode(opts.encoding)
             except UnicodeDecodeError:
-                raise UserError(f"{path}:{lineno}: not valid {encoding} (--encoding)") from None
-            if not line.strip():
-                yield "", len(raw)
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not a JSON record ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserError(f"{path}:{lineno}: a .jsonl record needs a string \"text\" field")
-            yield record["text"], len(raw)
+                raise UserError(f"{where}: not valid {opts.encoding} (--encoding)") from None
+            text = ""
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where}: not a JSON record ({e.msg})") from None
+                text = _record_text(record, opts.text_field, where)
+            pos = raw.tell()
+            yield text, pos - done, True
+            done = pos
 
 
-def _csv_documents(path: Path, encoding: str) -> Iterator[tuple[str, int]]:
+def _csv_segments(part: Part, opts: ReadOptions, compression: str | None) -> Iterator[Segment]:
     csv.field_size_limit(2**31 - 1)  # a document is one field: lift the 128K default
-    with open(path, "rb") as raw:
-        text = io.TextIOWrapper(raw, encoding=encoding, newline="")
+    stream, raw = open_stream(part.path, compression)
+    with raw, stream, _reading(part.path, compression):
+        text = io.TextIOWrapper(stream, encoding=opts.encoding, newline="")
         try:
             rows = csv.reader(text)
             next(rows, None)  # header row
             done = 0
             for row in rows:
                 pos = raw.tell()  # advances in buffer-sized steps: good enough for progress
-                yield (row[0] if row else ""), pos - done
+                yield (row[0] if row else ""), pos - done, True
                 done = pos
-            yield "", os.path.getsize(path) - done
+            yield "", os.path.getsize(part.path) - done, True
         except UnicodeDecodeError:
-            raise UserError(f"{path}: not valid {encoding} (--encoding)") from None
+            raise UserError(f"{part.path}: not valid {opts.encoding} (--encoding)") from None
         except csv.Error as e:
-            raise UserError(f"{path}: not a valid CSV file ({e})") from None
+            raise UserError(f"{part.path}: not a valid CSV file ({e})") from None
+
+
+def parquet_file(path: Path):
+    """pyarrow's ParquetFile, or one line saying what is missing or wrong."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow: pip install 'gpt2[parquet]'"
+                        ) from None
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _parquet_segments(part: Part, opts: ReadOptions) -> Iterator[Segment]:
+    pf = parquet_file(part.path)
+    import pyarrow
+
+    names = pf.schema_arrow.names
+    if opts.text_field not in names:
+        raise UserError(f"{part.path}: no column {opts.text_field!r} (--text_field picks "
+                        f"another; it has {', '.join(map(repr, names[:8]))})")
+    meta = pf.metadata
+    sizes = row_group_sizes(part.path, pf)
+    stop = meta.num_row_groups if part.stop is None else part.stop
+    row = sum(meta.row_group(i).num_rows for i in range(part.start))
+    for group in range(part.start, stop):
+        try:
+            column = pf.read_row_group(group, columns=[opts.text_field]).column(0)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise UserError(f"{part.path}: row group {group} is unreadable ({e})") from None
+        if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)):
+            raise UserError(f"{part.path}: row {row + 1}: column {opts.text_field!r} holds "
+                            f"{column.type}, not text")
+        values = column.to_pylist()
+        share = sizes[group] // max(len(values), 1)
+        for i, value in enumerate(values):
+            if value is None:
+                raise UserError(f"{part.path}: row {row + i + 1}: {opts.text_field!r} is null, "
+                                "not a string")
+            yield value, share if i else sizes[group] - share * (len(values) - 1), True
+        row += len(values)
+
+
+def row_group_sizes(path: Path, pf=None) -> list[int]:
+    """Each row group's share of the file's bytes (its compressed size; the footer goes to the
+    last), so that progress and parts can count parquet files in bytes like any other."""
+    pf = pf or parquet_file(path)
+    meta = pf.metadata
+    sizes = [sum(meta.row_group(g).column(c).total_compressed_size
+                 for c in range(meta.row_group(g).num_columns))
+             for g in range(meta.num_row_groups)]
+    if sizes:
+        sizes[-1] += max(0, path.stat().st_size - sum(sizes))
+    return sizes
+
+
+def _split_eot(segments: Iterator[Segment]) -> Iterator[Segment]:
+    """End a document at every literal ``<|endoftext|>`` (the marker itself is dropped), also
+    when it straddles two blocks."""
+    carry, carry_bytes = "", 0
+    for text, nbytes, ends in segments:
+        text, nbytes = carry + text, nbytes + carry_bytes
+        carry, carry_bytes = "", 0
+        *done, last = text.split(EOT)
+        for piece in done:
+            yield piece, nbytes, True
+            nbytes = 0
+        if not ends:
+            keep = next((k for k in range(min(len(EOT) - 1, len(last)), 0, -1)
+                         if EOT.startswith(last[-k:])), 0)
+            if keep:
+                last, carry, carry_bytes = last[:-keep], last[-keep:], 0
+        yield last, nbytes, ends
+    if carry:
+        yield carry, carry_bytes, True
+
+
+def segments(part: Part | Path, opts: ReadOptions) -> Iterator[Segment]:
+    """The text of a file (or part of one) as segments, documents marked where they end."""
+    part = part if isinstance(part, Part) else Part(Path(part))
+    kind, compression = file_kind(part.path)
+    if kind == "parquet":
+        found = _parquet_segments(part, opts)
+    else:
+        read = {"jsonl": _jsonl_segments, "csv": _csv_segments}.get(kind, _text_segments)
+        found = read(part, opts, compression)
+    return _split_eot(found) if opts.split_eot else found
+
+
+def documents(part: Part | Path, opts: ReadOptions | str = ReadOptions()
+              ) -> Iterator[Iterator[tuple[str, int]]]:
+    """Documents of a text-like file, each a stream of (text, bytes read) blocks.
+
+    Each document must be read to its end before the next is asked for.
+    """
+    opts = ReadOptions(encoding=opts) if isinstance(opts, str) else opts
+    stream = segments(part, opts)
+    finished = False
+
+    def document() -> Iterator[tuple[str, int]]:
+        nonlocal finished
+        for text, nbytes, ends in stream:
+            yield text, nbytes
+            if ends:
+                return
+        finished = True
+
+    while not finished:
+        doc = document()
+        yield doc
+        for _ in doc:  # whatever the caller left unread
+            pass
 
 
 @dataclass
@@ -144,12 +396,39 @@ class Source:
         return {"path": str(self.path.resolve()), "size": self.size, "mtime_ns": self.mtime_ns}
 
 
-def documents(path: Path, encoding: str) -> Iterator[Iterator[tuple[str, int]]]:
-    """Documents of a text-like file, each a stream of (text, bytes read) blocks."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".csv"):
-        read = _jsonl_documents if suffix == ".jsonl" else _csv_documents
-        for text, nbytes in read(path, encoding):
-            yield iter([(text, nbytes)])
-    else:
-        yield text_blocks(path, encoding)
+# ----------------------------------------------------------------------------- parts of an input
+
+def split_into_parts(paths: list[Path], num_parts: int) -> list[list[Part]]:
+    """``num_parts`` disjoint parts of the input whose concatenation, in order, is the whole.
+
+    The input's bytes (files in order) are cut into equal ranges; a file goes to the part its
+    first byte falls in, except that uncompressed ``.jsonl`` files are cut between records and
+    ``.parquet`` files between row groups, so one big file still spreads over many parts.
+    Every part can be computed on its own (a Slurm array task computes only its own).
+    """
+    sizes = [p.stat().st_size for p in paths]
+    total = max(sum(sizes), 1)
+    owner = lambda x: min(num_parts - 1, x * num_parts // total)  # noqa: E731
+    parts: list[list[Part]] = [[] for _ in range(num_parts)]
+    offset = 0
+    for path, size in zip(paths, sizes):
+        kind, compression = file_kind(path)
+        if kind == "jsonl" and compression is None and size:
+            first, last = owner(offset), owner(offset + size - 1)
+            for i in range(first, last + 1):
+                lo = max(0, -(-i * total // num_parts) - offset)
+                hi = min(size, -(-(i + 1) * total // num_parts) - offset)
+                parts[i].append(Part(path, lo, hi if i < last else None))
+        elif kind == "parquet":
+            starts = [offset]
+            for s in row_group_sizes(path)[:-1]:
+                starts.append(starts[-1] + s)
+            groups: dict[int, list[int]] = {}
+            for g, start in enumerate(starts):
+                groups.setdefault(owner(start), []).append(g)
+            for i, gs in groups.items():
+                parts[i].append(Part(path, gs[0], gs[-1] + 1))
+        else:
+            parts[owner(offset)].append(Part(path))
+        offset += size
+    return parts

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import UserError
 from .dataset import check_vocab, load_dataset
 from .sampler import validation_batches
+from .tokens import TokenChunks
 
 
 def find_corpus_splits(path: str | os.PathLike) -> dict | None:
@@ -35,41 +36,65 @@ def find_corpus_splits(path: str | os.PathLike) -> dict | None:
     return {"train": p / "train", "valid": valid, "test": test}
 
 
-def split_validation(chunks: list[np.ndarray], fraction: float, seed: int = 1
-                     ) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """Hold out the last ``fraction`` of the tokens (cut out of the chunks) for validation.
+def split_validation(chunks, fraction: float, seed: int = 1
+                     ) -> tuple[TokenChunks, TokenChunks, str]:
+    """Hold out the last ``fraction`` of the tokens for validation: whole shards when the
+    data is several ``.bin`` shards (the fewest last ones that hold that much, one at least
+    left to train on), else cut out of the last chunks.
 
     The split is positional, so the same data always gives the same split; ``seed`` is accepted
     for interface compatibility and does not change it.
     """
     if not 0 < fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {fraction}")
-    total = sum(len(c) for c in chunks)
+    chunks = TokenChunks.of(chunks)
+    total = chunks.n_tokens
     n_val = int(round(total * fraction))
     if n_val == 0 or n_val == total:
         raise UserError(f"--val_fraction {fraction} of {total} tokens leaves nothing to "
                         f"{'validate on' if n_val == 0 else 'train on'}")
-    train, val, need = list(chunks), [], n_val
-    while need:
-        last = train.pop()
-        if len(last) <= need:
-            val.insert(0, last)
-            need -= len(last)
-        else:
-            train.append(last[:len(last) - need])
-            val.insert(0, last[len(last) - need:])
-            need = 0
+    if chunks.shards:
+        held = _hold_out_shards(chunks, n_val)
+        if held is not None:
+            return held
+    lengths = chunks.lengths
+    from_end = np.cumsum(lengths[::-1])
+    k = int(np.searchsorted(from_end, n_val))      # chunks reached from the end, minus one
+    s = len(lengths) - 1 - k                        # the chunk the cut falls in
+    cut = n_val - (int(from_end[k - 1]) if k else 0)  # its tokens that go to validation
+    train = chunks.select(np.arange(s + (cut < lengths[s])))
+    if cut < lengths[s]:
+        train = train.with_lengths(train.start, np.concatenate([train.lengths[:-1],
+                                                                [lengths[s] - cut]]))
+    val = chunks.select(np.arange(s, len(lengths)))
+    val = val.with_lengths(np.concatenate([[chunks.start[s] + lengths[s] - cut], val.start[1:]]),
+                           np.concatenate([[cut], val.lengths[1:]]))
     message = (f"validation: holding out the last {fraction:.1%} of the data, "
                f"{n_val:,} of {total:,} tokens ({len(val)} chunk{'s' * (len(val) != 1)}); "
                f"training on {total - n_val:,}")
     return train, val, message
 
 
+def _hold_out_shards(chunks: TokenChunks, n_val: int):
+    per_file = np.bincount(chunks.file, weights=chunks.lengths, minlength=len(chunks.arrays))
+    from_end = np.cumsum(per_file[::-1])
+    k = int(np.searchsorted(from_end, n_val)) + 1   # the fewest last shards holding n_val
+    if k >= len(per_file):
+        return None  # they would leave nothing to train on: cut tokens instead
+    first = len(per_file) - k
+    val_mask = chunks.file >= first
+    held = int(per_file[first:].sum())
+    names = ", ".join(Path(n).name for n in chunks.names[first:][:3]) + (", ..." if k > 3 else "")
+    message = (f"validation: holding out the last {k} of {len(per_file)} shards ({names}), "
+               f"{held:,} of {chunks.n_tokens:,} tokens; training on {chunks.n_tokens - held:,}")
+    return chunks.select(~val_mask), chunks.select(val_mask), message
+
+
 @dataclass
 class TrainingData:
     """What a training run reads: its chunks, and fixed validation batches (maybe none)."""
 
-    train: list[np.ndarray]
+    train: TokenChunks
     train_path: str
     val_batches: list[np.ndarray]
 
@@ -77,7 +102,8 @@ class TrainingData:
 def training_data(dataset: str, val_dataset: str | None, encoder, n_vocab: int, n_ctx: int, *,
                   combine: int, encoding: str, val_every: int, val_fraction: float,
                   val_batch_count: int, val_batch_size: int, log: Callable[[str], None],
-                  quiet: bool = False) -> TrainingData:
+                  quiet: bool = False, text_field: str = "text",
+                  split_eot: bool = True) -> TrainingData:
     """The training chunks and validation batches of a run, with every rule about them.
 
     A corpus directory's ``valid/`` split validates unless ``val_dataset`` is given; otherwise
@@ -91,9 +117,12 @@ def training_data(dataset: str, val_dataset: str | None, encoder, n_vocab: int, 
         train_path = str(splits["train"])
         if val_path is None and splits.get("valid") is not None:
             val_path = str(splits["valid"])
-    chunks = load_dataset(train_path, encoder, combine=combine, encoding=encoding, quiet=quiet)
+    read = dict(combine=combine, encoding=encoding, quiet=quiet, text_field=text_field,
+                split_eot=split_eot)
+    chunks = load_dataset(train_path, encoder, **read)
     check_vocab(chunks, n_vocab, train_path)
-    longest = max(len(c) for c in chunks)
+    _check_fingerprint(chunks, encoder, train_path, log)
+    longest = int(chunks.lengths.max())
     if longest < n_ctx:
         raise UserError(f"dataset {train_path} has no document of at least {n_ctx} tokens (the "
                         f"model's n_ctx; the longest has {longest}); use more or longer text, "
@@ -102,9 +131,9 @@ def training_data(dataset: str, val_dataset: str | None, encoder, n_vocab: int, 
     if val_every:
         if val_path is not None:
             log(f"Loading validation dataset {val_path}...")
-            val_chunks = load_dataset(val_path, encoder, combine=combine, encoding=encoding,
-                                      quiet=quiet)
+            val_chunks = load_dataset(val_path, encoder, **read)
             check_vocab(val_chunks, n_vocab, val_path)
+            _check_fingerprint(val_chunks, encoder, val_path, log)
         elif val_fraction > 0:
             chunks, val_chunks, message = split_validation(chunks, val_fraction)
             log(message)
@@ -117,3 +146,14 @@ def training_data(dataset: str, val_dataset: str | None, encoder, n_vocab: int, 
         batches = validation_batches(val_chunks, val_batch_count, val_batch_size, n_ctx, seed=1,
                                      name=f"validation data {val_path or train_path}")
     return TrainingData(chunks, train_path, batches)
+
+
+def _check_fingerprint(chunks: TokenChunks, encoder, path: str, log) -> None:
+    """Token files say which encoder made them. Equal tokenizers can be stored as different
+    bytes (encoder.json and HF's vocab.json), so a mismatch is a warning, not an error."""
+    mine = getattr(encoder, "fingerprint", None)
+    others = sorted(chunks.fingerprints - {mine})
+    if mine and others:
+        log(f"warning: dataset {path} was encoded with another tokenizer (fingerprint "
+            f"{others[0][:12]}..., the model's is {mine[:12]}...); its ids may stand for "
+            "other text than the model expects")

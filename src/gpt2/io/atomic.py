@@ -93,6 +93,16 @@ def is_no_space(e: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
+def publish(tmp: Path, path: Path, durable: bool = True) -> None:
+    """Give the finished temporary file ``tmp`` its mode and rename it onto ``path``."""
+    os.chmod(tmp, file_mode())  # after writing: some writers replace the file they get
+    if durable:
+        fsync_file(tmp)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """A temporary path to write; renamed onto ``path`` when the block ends without error.
@@ -105,12 +115,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
     tmp = temp_name(path)
     try:
         yield tmp
-        os.chmod(tmp, file_mode())  # after writing: some writers replace the file they get
-        if durable:
-            fsync_file(tmp)
-        os.replace(tmp, path)
-        if durable:
-            fsync_dir(path.parent)
+        publish(tmp, path, durable)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()

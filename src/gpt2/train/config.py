@@ -135,6 +135,11 @@ class TrainConfig:
         None, "Dropout probability (default: the model's, 0 for released models).",
         group=LOCATION, check=in_range(0.0, 1.0), shown="the model's")
     # -- training controls
+    text_field: str = flag("text", "The field holding the text in .jsonl records and the column "
+                           "in .parquet files.", metavar="NAME")
+    literal_endoftext: bool = flag(
+        False, "Keep <|endoftext|> in text as ordinary text (7 tokens), as the original did, "
+        "instead of separating documents there.")
     max_steps: int | None = flag(
         None, "Stop after N updates in total, counted across resumes (default: run until "
         "Ctrl-C).", check=at_least(0), metavar="N", shown="none")

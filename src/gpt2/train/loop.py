@@ -32,7 +32,6 @@ import torch
 from tqdm import tqdm
 
 from ..data.sampler import Sampler
-from ..data.splits import training_data
 from ..errors import UserError
 from ..io.model_dir import load_config
 from ..runtime import autocast, pick_device, resolve_precision
@@ -44,8 +43,8 @@ from .config import TrainConfig
 from .distributed import DistInfo
 from .parallelize import parallelize, parse_blocks
 from .run_dir import RunDir
-from .setup import (choose_seed, describe_run, memory_summary, resolve_loss_chunk,
-                    restore_rngs, seed_globals)
+from .setup import (choose_seed, describe_run, load_training_data, memory_summary,
+                    resolve_loss_chunk, restore_rngs, seed_globals)
 from .state import read_optimizer, read_state, rng_state
 from .tensorboard import TensorBoardLog
 
@@ -124,7 +123,8 @@ class Trainer:
         model, self.lora_base = build_model(cfg, self.source, config, self.seed, self.log)
         self.encoder = load_encoder(self.source.model_dir)
         self.encoder_dir = self.source.model_dir
-        self.load_data()
+        self.log("Loading dataset...")
+        self.data = load_training_data(cfg, self.encoder, config, self.dist, self.log)
         self.compiled = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.parallel = parallelize(model.to(self.device).train(), self.dist, fsdp=cfg.fsdp,
                                     compile=self.compiled, checkpoint_blocks=blocks)
@@ -145,17 +145,6 @@ class Trainer:
         for line in describe_run(cfg, self.dist, model, self.precision, self.compiled, blocks,
                                  self.parallel.sharded):
             self.log(line)
-
-    def load_data(self) -> None:
-        cfg = self.cfg
-        self.log("Loading dataset...")
-        # Rank 0 encodes into the shared cache first; the others then read it (no race, one bar)
-        with distributed.rank_zero_first(self.dist):
-            self.data = training_data(
-                cfg.dataset, cfg.val_dataset, self.encoder, self.config.n_vocab, self.seq_len,
-                combine=cfg.combine, encoding=cfg.encoding, val_every=cfg.val_every,
-                val_fraction=cfg.val_fraction, val_batch_count=cfg.val_batch_count,
-                val_batch_size=cfg.val_batch_size, log=self.log, quiet=not self.is_main)
 
     def restore(self, state: dict, opt_saved) -> None:
         self.step, self.tokens = state["step"], state.get("tokens", 0)

@@ -1,5 +1,5 @@
 """The parts of a run's setup that are decisions rather than steps: seeds, the loss chunk, the
-memory check, resuming every rank's random streams, and the lines that describe the run.
+memory check, the data, resuming every rank's random streams, and the lines that describe it.
 
     seed = choose_seed(cfg.seed, state, dist)
     restore_rngs(state, dist, noise_rng, log)
@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..data.splits import TrainingData, training_data
 from ..model import GPT, GPTConfig
 from . import distributed, memory
 from .config import TrainConfig
@@ -103,3 +104,16 @@ def describe_run(cfg: TrainConfig, dist: DistInfo, model: GPT, precision: str, c
                  f"Scale it by hand if you want (e.g. x{world} linear or "
                  f"x{math.sqrt(world):.2f} square-root rule).")
     return lines
+
+
+def load_training_data(cfg: TrainConfig, encoder, config: GPTConfig, dist: DistInfo,
+                       log: Callable[[str], None]) -> TrainingData:
+    """The run's data (gpt2.data.splits.training_data). Rank 0 encodes into the shared cache
+    first; the other ranks then read it (no race, one progress bar)."""
+    with distributed.rank_zero_first(dist):
+        return training_data(
+            cfg.dataset, cfg.val_dataset, encoder, config.n_vocab, config.n_ctx,
+            combine=cfg.combine, encoding=cfg.encoding, val_every=cfg.val_every,
+            val_fraction=cfg.val_fraction, val_batch_count=cfg.val_batch_count,
+            val_batch_size=cfg.val_batch_size, log=log, quiet=not dist.is_main,
+            text_field=cfg.text_field, split_eot=not cfg.literal_endoftext)
