@@ -24,7 +24,7 @@ import pytest
 from gpt2.data import sources
 from gpt2.data.dataset import check_vocab, load_dataset
 from gpt2.data.sampler import Sampler
-from gpt2.data.sources import ReadOptions, expand_paths, split_into_parts
+from gpt2.data.sources import expand_paths, split_into_parts
 from gpt2.data.splits import split_validation
 from gpt2.data.tokens import encode_chunk_table, load_bin, load_token_files
 from gpt2.data.write import encode_corpus, encode_to_bin

@@ -103,6 +103,59 @@ def test_ddp_gradient_equals_single_process_gradient(tmp_path, chunk):
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+# --- leaving: destroy_process_group() really frees the group ----------------------------------
+
+def _native_threads() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
+def _train_one_step(info: DistInfo, fsdp: bool) -> None:
+    from gpt2.train.parallelize import parallelize
+
+    torch.manual_seed(0)  # FSDP2 does not broadcast: the same init on every rank
+    model = GPT(CFG)
+    parallel = parallelize(model, info, fsdp=fsdp, compile=False, checkpoint_blocks=[])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, CFG.n_vocab, (2, CFG.n_ctx),
+                           generator=torch.Generator().manual_seed(info.rank))
+    with parallel.no_sync(last_micro_step=True):
+        parallel.train_model(tokens, targets=tokens).backward()
+    optimizer.step()
+    parallel.full_model()  # the checkpoint's gathers (FSDP: DTensor redistribution)
+    parallel.optimizer_state(optimizer)
+
+
+def _leave_worker(rank: int, port: int, fsdp: bool, out: str) -> None:
+    from gpt2.train import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = distributed.init("cpu", 1.0)
+    _train_one_step(info, fsdp)  # the model and optimizer are gone when it returns
+    distributed.shutdown()
+    Path(f"{out}.{rank}").write_text(json.dumps(_native_threads()))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names from Linux /proc")
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_shutdown_stops_gloo_threads(tmp_path, fsdp):
+    """Nothing of the group may run on into interpreter exit: a Gloo group still alive there
+    (kept by torch's import-time default arguments or DTensor's caches) now and then aborts a
+    finished rank with 'terminate called without an active exception' (exit 134)."""
+    out = str(tmp_path / "threads")
+    mp.start_processes(_leave_worker, args=(free_port(), fsdp, out), nprocs=2,
+                       start_method="spawn")
+    for rank in (0, 1):
+        threads = json.loads(Path(f"{out}.{rank}").read_text())
+        assert not [t for t in threads if "gloo" in t or "tcpstore" in t], (rank, threads)
+
+
 # --- torchrun ----------------------------------------------------------------------------------
 
 def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir):
@@ -113,7 +166,9 @@ def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir):
     assert out.count("Saving") == 1 and out.count("Training...") == 1  # rank 0 alone prints
     run_dir = tmp_path / "checkpoint" / "run1"
     assert [m["step"] for m in metrics(run_dir)] == [0, 1, 2, 3]  # one line per step
-    state = json.loads((run_dir / "trainer_state.json").read_text())
+    from gpt2.io.paths import follow_run_dir
+
+    state = json.loads((follow_run_dir(run_dir) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     model = load_model(run_dir)
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -153,7 +208,9 @@ def test_fsdp_run_saves_a_whole_model_and_resumes(tmp_path, data, model_dir):
     assert model.lm_head.weight is model.wte.weight
     from safetensors.torch import load_file
 
-    opt = load_file(str(run_dir / "optimizer.safetensors"))
+    from gpt2.io.paths import follow_run_dir
+
+    opt = load_file(str(follow_run_dir(run_dir) / "optimizer.safetensors"))
     assert opt["wte.weight/exp_avg"].shape == model.wte.weight.shape  # full, not a shard
     ok(torchrun(args(data, model_dir, "--fsdp", max_steps=4, accumulate_gradients=2,
                      restore_from="latest"), tmp_path))
@@ -224,3 +281,66 @@ def test_mpirun_train_horovod(tmp_path, data, model_dir):
     assert (run_dir / "counter").read_text() == "3\n"
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
     load_model(run_dir)
+
+
+# --- two hosts: two network namespaces joined by a veth pair -------------------------------------
+
+@pytest.fixture
+def two_hosts():
+    """Namespaces gpt2a-<pid> (10.77.<n>.1 on veth va) and gpt2b-<pid> (10.77.<n>.2, vb)."""
+    tag = str(os.getpid())
+    names, net = (f"gpt2a-{tag}", f"gpt2b-{tag}"), os.getpid() % 250
+    cmds = [["ip", "netns", "add", names[0]], ["ip", "netns", "add", names[1]],
+            ["ip", "link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}"],
+            ["ip", "link", "set", f"va{tag}", "netns", names[0]],
+            ["ip", "link", "set", f"vb{tag}", "netns", names[1]]]
+    for i, (ns, dev) in enumerate(zip(names, (f"va{tag}", f"vb{tag}"))):
+        cmds += [["ip", "-n", ns, "addr", "add", f"10.77.{net}.{i + 1}/24", "dev", dev],
+                 ["ip", "-n", ns, "link", "set", dev, "up"], ["ip", "-n", ns, "link", "set",
+                                                                "lo", "up"]]
+    try:
+        for cmd in cmds:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                pytest.skip(f"cannot make network namespaces here ({' '.join(cmd)}: "
+                            f"{proc.stderr.strip()}): needs root and iproute2")
+        yield [(ns, dev, f"10.77.{net}.{i + 1}")
+               for i, (ns, dev) in enumerate(zip(names, (f"va{tag}", f"vb{tag}")))]
+    finally:
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_two_hosts_train_and_a_loopback_hostname_is_one_line(tmp_path, data, model_dir,
+                                                             two_hosts):
+    import socket as sock
+
+    master = two_hosts[0][2]
+
+    def run(interface: bool) -> list[subprocess.CompletedProcess]:
+        port = free_port()
+        procs = []
+        for rank, (ns, dev, _) in enumerate(two_hosts):
+            e = {**env(), "GPT2_CACHE": str(tmp_path / "cache")}
+            if interface:
+                e["GLOO_SOCKET_IFNAME"] = dev
+            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
+                   "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+                   "--master_addr", master, "--master_port", str(port),
+                   str(REPO / "train.py"), *args(data, model_dir, max_steps=2, dist_timeout=0.5)]
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        done = [p.communicate(timeout=120) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, done)]
+
+    loopback = sock.gethostbyname(sock.gethostname()).startswith("127.")
+    if loopback:  # this machine's hostname is loopback: without an interface, one line
+        t0 = time.time()
+        for proc in run(interface=False):
+            assert proc.returncode != 0
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+            assert len(lines) == 1 and "set GLOO_SOCKET_IFNAME" in lines[0], proc.stderr[-2000:]
+        assert time.time() - t0 < 60
+    for proc in run(interface=True):  # with the interface named, the two hosts train together
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoint/run1/model-2/model.safetensors").is_file()

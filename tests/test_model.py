@@ -157,7 +157,7 @@ def test_shape_mismatch(tiny_config, tmp_path):
 def test_missing_layer(tiny_config, tmp_path):
     d = saved(tmp_path, tiny_config)
     (d / "hparams.json").write_text(json.dumps({**tiny_config.to_dict(), "n_layer": 3}))
-    with pytest.raises(UserError, match="missing tensor 'h.2"):
+    with pytest.raises(UserError, match="the weights hold 2 layers but the hparams say n_layer 3"):
         load_model(d)
 
 

@@ -118,10 +118,17 @@ def losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
 
 
+def newest(path: Path) -> Path:
+    """A run directory's newest checkpoint (what its counter names), or the path itself."""
+    from gpt2.io.paths import follow_run_dir
+
+    return follow_run_dir(Path(path))
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path / "model.safetensors"))
+    return load_file(str(newest(path) / "model.safetensors"))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -198,7 +205,7 @@ def test_resume_outlives_the_pruned_checkpoint_it_started_from(tmp_path, data, m
     run_dir = tmp_path / "checkpoint/run1"
     assert sorted(p.name for p in run_dir.glob("model-*")) == ["model-10", "model-9"]
     assert (run_dir / "counter").read_text() == "10\n"
-    for path in (run_dir, run_dir / "model-10"):
+    for path in (newest(run_dir), run_dir / "model-10"):
         assert (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file()
         assert weights(path).keys() == weights(run_dir / "model-9").keys()
 
@@ -248,7 +255,7 @@ def test_checkpoint_is_a_model_directory_that_samples(tmp_path, data, model_dir,
         model = load_model(path)
         out = sample_sequence(model, 5, torch.tensor([[256]]), top_k=10, seed=0)
         assert out.shape == (1, 6)
-    state = json.loads((run_dir / "trainer_state.json").read_text())
+    state = json.loads((newest(run_dir) / "trainer_state.json").read_text())
     assert state["step"] == 4
     sample_file = (tmp_path / "samples/run1/samples-4").read_text()
     assert [line for line in sample_file.splitlines() if line.startswith("========")] == \
@@ -494,13 +501,10 @@ def test_chunked_loss_trains_like_the_plain_loss(tmp_path, data, model_dir, monk
 # --- pieces ------------------------------------------------------------------------------------
 
 def test_noise_replaces_inputs_with_uniform_ids():
-    from gpt2.train import TrainConfig, Trainer
+    from gpt2.data.sampler import add_noise
 
-    trainer = Trainer(TrainConfig(dataset="unused.txt", noise=0.3))
-    trainer.config = GPTConfig(n_vocab=257, **TINY)
-    trainer.noise_rng = np.random.default_rng(0)
     clean = np.zeros((50, 200), dtype=np.int64)
-    noisy = trainer.add_noise(clean)
+    noisy = add_noise(clean, 0.3, np.random.default_rng(0), 257)
     assert noisy.shape == clean.shape and clean.max() == 0  # the input array is not modified
     changed = noisy != 0
     assert changed.mean() == pytest.approx(0.3 * 256 / 257, abs=0.02)
@@ -626,9 +630,9 @@ def test_lora_trains_adapters_saves_a_plain_model_and_resumes_exactly(tmp_path, 
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
     # The run directory is a plain model directory (merged weights) plus the small adapter.
-    assert read_lora_config(whole / "adapter")["rank"] == 4
-    assert (whole / "adapter/adapter.safetensors").stat().st_size * 5 < \
-        (whole / "model.safetensors").stat().st_size
+    assert read_lora_config(newest(whole) / "adapter")["rank"] == 4
+    assert (newest(whole) / "adapter/adapter.safetensors").stat().st_size * 5 < \
+        (newest(whole) / "model.safetensors").stat().st_size
     base, merged = weights(model_dir), load_model(whole).state_dict()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(".attn.c_attn.weight" in k or "c_proj.weight" in k for k in changed)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
-from .errors import UserError
+from .errors import Terminated, UserError
 
 # command -> (module, help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,8 +58,18 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func or "main")
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def run(func, argv: list[str] | None = None) -> int:
-    """Call a command's main, turning user errors and Ctrl-C into a message and an exit code."""
+    """Call a command's main, turning user errors, Ctrl-C and SIGTERM into a message and an
+    exit code. SIGTERM unwinds like Ctrl-C, so temporary files and worker processes are cleaned
+    up (training catches both itself and saves first)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        previous = None
     try:
         return int(func(argv) or 0)
     except UserError as e:
@@ -67,8 +78,14 @@ def run(func, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # e.g. `gpt2 sample | head`
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def script(command: str) -> None:

@@ -6,3 +6,10 @@ class UserError(Exception):
 
     Command-line entry points catch it, print ``error: <message>`` to stderr and exit 1.
     """
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (every ``finally`` and atomic writer cleans up), then exit 143.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` does not swallow it.
+    """

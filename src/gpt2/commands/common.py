@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io.model_dir import load_model
+from ..io.model_dir import check_model_dir, load_model
 from ..runtime import pick_device
 from ..tokenizer.files import load_encoder
 
@@ -28,15 +28,14 @@ def load_for_sampling(model_dir: Path, device_name: str | None):
     """(model, encoder, device) of a model directory, checked to fit each other."""
     device = pick_device(device_name)
     enc = load_encoder(model_dir)
-    model = load_model(model_dir, device=device)
-    n_vocab = model.config.n_vocab
-    if enc.eot_token is not None and not 0 <= enc.eot_token < n_vocab:
-        raise UserError(f"{model_dir}: the encoder's <|endoftext|> id {enc.eot_token} is outside "
-                        f"the model's vocabulary of {n_vocab}")
+    n_vocab = check_model_dir(model_dir).n_vocab  # checked before anything is loaded
     if enc.n_vocab > n_vocab:
         raise UserError(f"{model_dir}: the tokenizer has {enc.n_vocab} ids but the model only "
                         f"{n_vocab}; they do not belong together")
-    return model, enc, device
+    if enc.eot_token is not None and not 0 <= enc.eot_token < n_vocab:
+        raise UserError(f"{model_dir}: the encoder's <|endoftext|> id {enc.eot_token} is outside "
+                        f"the model's vocabulary of {n_vocab}")
+    return load_model(model_dir, device=device), enc, device
 
 
 def generator_for(device: torch.device, seed: int | None) -> torch.Generator:

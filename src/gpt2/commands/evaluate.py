@@ -20,7 +20,7 @@ from ..data.dataset import load_dataset
 from ..data.splits import find_corpus_splits
 from ..errors import UserError
 from ..evaluate import evaluate, exp_or_inf
-from ..io.model_dir import load_config, load_model
+from ..io.model_dir import check_model_dir, load_model
 from ..io.paths import find_model_dir
 from ..runtime import PRECISIONS, pick_device
 from ..sampling import sample_sequence
@@ -70,6 +70,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--combine", type=int, default=50000,
                    help="minimum characters per chunk when encoding text (as in training)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset files")
+    p.add_argument("--text_field", default="text", metavar="NAME",
+                   help="the field of .jsonl records / column of .parquet files with the text")
+    p.add_argument("--literal_endoftext", action="store_true",
+                   help="keep <|endoftext|> in text as ordinary text, as the original did")
     p.add_argument("--n_ctx", type=int, default=None,
                    help="window length in tokens (default: the model's n_ctx)")
     p.add_argument("--stride", type=int, default=None,
@@ -120,18 +124,23 @@ def main(argv: list[str] | None = None) -> int:
         if encoder_fingerprint(dirs[0]) != encoder_fingerprint(dirs[1]):
             raise UserError(f"--compare {args.compare}: its tokenizer differs from "
                             f"{args.model_dir}'s, so their losses are not comparable")
+    configs = [check_model_dir(d) for d in dirs]  # before reading any data
+    enc = load_encoder(dirs[-1])
+    if enc.n_vocab > min(c.n_vocab for c in configs):
+        raise UserError(f"{dirs[-1]}: the tokenizer has {enc.n_vocab} ids but the model only "
+                        f"{min(c.n_vocab for c in configs)}; they do not belong together")
     # Both models see the same windows, or their numbers could not be compared.
-    max_ctx = min(load_config(d).n_ctx for d in dirs)
+    max_ctx = min(c.n_ctx for c in configs)
     n_ctx = args.n_ctx or max_ctx
     if n_ctx > max_ctx:
         raise UserError(f"--n_ctx {n_ctx} is larger than the model's context of {max_ctx} tokens")
     if args.stride is not None and args.stride > n_ctx:
         raise UserError(f"--stride {args.stride} is larger than the window ({n_ctx} tokens)")
 
-    enc = load_encoder(dirs[-1])
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the results
         chunks = load_dataset(_dataset_path(args.dataset), enc, combine=args.combine,
-                              encoding=args.encoding)
+                              encoding=args.encoding, text_field=args.text_field,
+                              split_eot=not args.literal_endoftext)
     print(f"scoring {sum(map(len, chunks))} tokens in {len(chunks)} chunks: windows of {n_ctx} "
           f"tokens, stride {args.stride or n_ctx}", file=sys.stderr)
     prompts = args.prompt

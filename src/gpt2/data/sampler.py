@@ -78,3 +78,13 @@ def validation_batches(chunks, n_batches: int, batch_size: int, length: int,
     """Fixed validation windows, drawn once (the original: a Sampler seeded 1)."""
     sampler = Sampler(chunks, seed=seed, name=name)
     return [sampler.sample_batch(batch_size, length) for _ in range(n_batches)]
+
+
+def add_noise(tokens: np.ndarray, p: float, rng: np.random.Generator, n_vocab: int
+              ) -> np.ndarray:
+    """--noise p: each input token becomes a uniform random id with probability p."""
+    if not p:
+        return tokens
+    mask = rng.random(tokens.shape) < p
+    random_ids = rng.integers(0, n_vocab, tokens.shape)
+    return np.where(mask, random_ids, tokens)

@@ -27,7 +27,8 @@ from ..tokenizer.bpe import EOT
 from ..tokenizer.files import bpe_files
 from .atomic import atomic_write, copy_file, write_json
 from .paths import HF_INDEX, WEIGHTS
-from .tensors import config_from, load_safetensors, read_json, unwrap, weights_of
+from .tensors import (config_from, load_safetensors, read_json, safetensors_shapes, unwrap,
+                      weights_of)
 
 
 # Settings under which transformers' GPT2LMHeadModel computes exactly what GPT does.
@@ -43,6 +44,8 @@ _HF_REQUIRED = {
 
 def hf_config(path: Path) -> GPTConfig:
     c = read_json(path)
+    if not isinstance(c, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(c).__name__}")
     if c.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{path}: model_type {c.get('model_type')!r} is not gpt2")
     for key, allowed in _HF_REQUIRED.items():
@@ -68,12 +71,39 @@ def hf_target(name: str) -> tuple[str | None, bool]:
     return name, transpose
 
 
-def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def hf_files(model_dir: Path) -> list[Path]:
+    """model.safetensors, or the shards a model.safetensors.index.json names (checked)."""
     if (model_dir / WEIGHTS).is_file():
-        files = [model_dir / WEIGHTS]
-    else:
-        index = read_json(model_dir / HF_INDEX)
-        files = [model_dir / f for f in sorted(set(index.get("weight_map", {}).values()))]
+        return [model_dir / WEIGHTS]
+    index_file = model_dir / HF_INDEX
+    index = read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index_file}: its \"weight_map\" must be an object of tensor names to "
+                        "file names")
+    files = sorted(set(weight_map.values()))
+    bad = [f for f in files if Path(f).name != f or not f.endswith(".safetensors")]
+    if bad:
+        raise UserError(f"{index_file}: {bad[0]!r} is not a .safetensors file in this directory")
+    return [model_dir / f for f in files]
+
+
+def hf_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Our names -> shapes, from the files' headers (nothing is loaded)."""
+    out = {}
+    for f in hf_files(model_dir):
+        for name, shape in safetensors_shapes(f).items():
+            target, transpose = hf_target(name)
+            if target is not None:
+                out[target] = tuple(reversed(shape)) if transpose else shape
+    if "wte.weight" not in out and "lm_head.weight" in out:
+        out["wte.weight"] = out["lm_head.weight"]
+    out.pop("lm_head.weight", None)
+    return out
+
+
+def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = hf_files(model_dir)
     tensors = {}
     for f in files:
         tensors.update(load_safetensors(f))

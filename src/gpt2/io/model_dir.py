@@ -31,10 +31,11 @@ from ..model import GPT, GPTConfig
 from ..runtime import parse_dtype
 from ..tokenizer.files import copy_encoder_files
 from .atomic import atomic_write, write_text
-from .hf import hf_config, hf_tensors
+from .hf import hf_config, hf_shapes, hf_tensors
 from .paths import HF_CONFIG, HPARAMS, WEIGHTS, detect_format, expand, find_model_dir
-from .tensors import config_from, load_safetensors, read_json, unwrap, weights_of
-from .release import release_tensors
+from .tensors import (check_shapes, config_from, load_safetensors, read_json, safetensors_shapes,
+                      unwrap, weights_of)
+from .release import release_shapes, release_tensors
 
 
 def load_config(model_dir: str | os.PathLike) -> GPTConfig:
@@ -70,6 +71,14 @@ def build_model(config: GPTConfig, tensors: dict[str, torch.Tensor], where: Path
     return model
 
 
+def weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes the weight files hold, under our names, from headers and indexes alone."""
+    fmt = detect_format(model_dir)
+    if fmt == "ours":
+        return safetensors_shapes(model_dir / WEIGHTS)
+    return hf_shapes(model_dir) if fmt == "huggingface" else release_shapes(model_dir)
+
+
 def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """The weights of a model directory under our names, whatever its layout."""
     fmt = detect_format(model_dir)
@@ -78,6 +87,14 @@ def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     if fmt == "huggingface":
         return hf_tensors(model_dir)
     return release_tensors(model_dir)
+
+
+def check_model_dir(path: str | os.PathLike) -> GPTConfig:
+    """The config of a model directory whose weight files agree with it (nothing loaded)."""
+    model_dir = find_model_dir(path)
+    config = load_config(model_dir)
+    check_shapes(config, weight_shapes(model_dir), model_dir)
+    return config
 
 
 def load_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
@@ -91,6 +108,7 @@ def load_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
     model_dir = find_model_dir(path)
     dtype = parse_dtype(dtype) or torch.float32
     config = load_config(model_dir)
+    check_shapes(config, weight_shapes(model_dir), model_dir)  # before allocating anything
     model = build_model(config, read_tensors(model_dir), model_dir)
     model.to(device=device or "cpu", dtype=dtype)
     return model.eval()

@@ -26,7 +26,7 @@ from ..tokenizer.files import bpe_files
 from .atomic import copy_file, write_json
 from .hf import warn_no_tokenizer
 from .tensors import unwrap, weights_of
-from .tf_checkpoint import read_tf_checkpoint, write_tf_checkpoint
+from .tf_checkpoint import list_tf_checkpoint, read_tf_checkpoint, write_tf_checkpoint
 
 
 def release_target(name: str) -> tuple[str, bool]:
@@ -41,6 +41,15 @@ def release_target(name: str) -> tuple[str, bool]:
         parts[0] = f"h.{parts[0][1:]}"
     leaf = {"g": "weight", "b": "bias", "w": "weight"}.get(parts[-1], parts[-1])
     return ".".join(parts[:-1] + [leaf]), parts[-1] == "w"
+
+
+def release_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Our names -> shapes, from the checkpoint's index alone (the data file is not read)."""
+    out = {}
+    for name, (_, shape) in list_tf_checkpoint(model_dir).items():
+        target, conv = release_target(name)
+        out[target] = (shape[2], shape[1]) if conv and len(shape) == 3 else tuple(shape)
+    return out
 
 
 def release_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

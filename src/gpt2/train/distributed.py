@@ -22,13 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+# torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is first
+# imported, and wrapping a model in DDP or FSDP imports it (through torch._dynamo and
+# torch.distributed.fsdp). Imported after init_process_group, those defaults would hold the live
+# group, which destroy_process_group() then cannot free: its Gloo threads and sockets would live
+# on into the interpreter's teardown and now and then abort it. Imported here, before any group
+# exists, the defaults are None.
+import torch.distributed.nn  # noqa: F401
 
 from ..errors import UserError
 from ..runtime import pick_device
@@ -99,9 +108,45 @@ def init(device: str | None = "auto", timeout_minutes: float = 10.0, environ=Non
     os.environ.setdefault("MASTER_ADDR", _master_addr(environ, launcher))
     os.environ.setdefault("MASTER_PORT", environ.get("MASTER_PORT", DEFAULT_PORT))
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "gloo":
+        _check_gloo_address(environ, rank, world_size)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world_size, local_rank, launcher, dev)
+
+
+# How many processes run on this machine, per launcher: fewer than the world means several hosts.
+_LOCAL_SIZE = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+               "SLURM_NTASKS_PER_NODE")
+
+
+def _several_hosts(environ, world_size: int) -> bool:
+    if environ.get("SLURM_NNODES", "1").isdigit() and int(environ.get("SLURM_NNODES", "1")) > 1:
+        return True
+    for name in _LOCAL_SIZE:
+        value = environ.get(name, "")
+        if value.isdigit():
+            return int(value) < world_size
+    return False
+
+
+def _check_gloo_address(environ, rank: int, world_size: int) -> None:
+    """Gloo offers its peers the address this machine's hostname resolves to. Where that is a
+    loopback address (Debian's 127.0.1.1, a container's /etc/hosts), ranks on other machines
+    can never connect, and torch prints some 60 lines of retries: say so in one line first."""
+    if environ.get("GLOO_SOCKET_IFNAME") or not _several_hosts(environ, world_size):
+        return
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return
+    if ipaddress.ip_address(address).is_loopback:
+        raise UserError(f"rank {rank}: this machine's hostname {name!r} resolves to {address}, "
+                        "a loopback address the other machines cannot reach: set "
+                        "GLOO_SOCKET_IFNAME to the network interface that reaches them (e.g. "
+                        "GLOO_SOCKET_IFNAME=eth0; NCCL_SOCKET_IFNAME on GPUs), or map the "
+                        "hostname to that interface's address in /etc/hosts")
 
 
 def shutdown() -> None:
@@ -112,7 +157,40 @@ def shutdown() -> None:
             dist.barrier()
         except Exception:  # a peer already gone: nothing left to wait for
             pass
+        _drop_dtensor_caches()
         dist.destroy_process_group()
+
+
+def _drop_dtensor_caches() -> None:
+    """Forget what FSDP2's DTensors cached, so that destroy_process_group() frees the group.
+
+    DTensor caches sharding decisions, redistribution plans and mesh topologies process-wide
+    (torch's C++ fast path, Python lru_caches, the planner cache); they hold DeviceMeshes, and
+    a mesh holds its process group. Left there, the group (its Gloo threads, sockets and, on
+    rank 0, the TCPStore server) outlives destroy_process_group() and is still running while
+    the interpreter exits, which now and then aborts a finished rank ("terminate called
+    without an active exception", exit 134).
+    """
+    if "torch.distributed.tensor" not in sys.modules:  # no FSDP2 in this run: nothing cached
+        return
+    import functools
+    import gc
+
+    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast_path is not None:
+        clear_fast_path()
+    try:
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+    except ImportError:  # another torch: the scan below still clears its lru_caches
+        pass
+    else:
+        clear_redistribute_planner_cache()
+    lru_type = type(functools.lru_cache(None)(lambda: None))
+    for obj in gc.get_objects():
+        if type(obj) is lru_type and \
+                str(getattr(obj, "__module__", "")).startswith("torch.distributed.tensor"):
+            obj.cache_clear()
+    gc.collect()  # what the caches held is in reference cycles (specs, meshes, schemas)
 
 
 class CommError(RuntimeError):
@@ -162,13 +240,6 @@ def process_group(device: str | None, timeout_minutes: float, info: DistInfo | N
     finally:
         if own:
             shutdown()
-    if own and info.enabled:
-        # Everything is saved and the group is closed. Gloo's threads can still abort the
-        # interpreter's own teardown now and then ("terminate called without an active
-        # exception", exit 134), turning a finished run into a failure: leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 @contextlib.contextmanager

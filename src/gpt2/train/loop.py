@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.sampler import Sampler
+from ..data.sampler import Sampler, add_noise
 from ..errors import UserError
 from ..io.model_dir import load_config
 from ..runtime import autocast, pick_device, resolve_precision
@@ -42,9 +42,9 @@ from .build import build_model, lora_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo
 from .parallelize import parallelize, parse_blocks
-from .run_dir import RunDir
+from .run_dir import RunDir, RunLock
 from .setup import (choose_seed, describe_run, load_training_data, memory_summary,
-                    resolve_loss_chunk, restore_rngs, seed_globals)
+                    resolve_loss_chunk, restore_rngs, seed_globals, space_warning)
 from .state import read_optimizer, read_state, rng_state
 from .tensorboard import TensorBoardLog
 
@@ -165,18 +165,26 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.setup()
-        if self.is_main:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            self.run_dir.truncate_metrics(self.step)
-            if self.cfg.wants_tensorboard:
-                self.tb = TensorBoardLog(self.cfg.tensorboard_dir
-                                         or self.run_dir.path / "tensorboard", self.step)
+        lock = RunLock(self.run_dir.path)
         try:
+            if self.is_main:  # rank 0 holds the run directory for every rank
+                lock.acquire(self.log)
+                if self.run_dir.clean_leftovers():
+                    self.log("removed the temporary files of a save that did not finish")
+            self.setup()
+            if self.is_main:
+                self.run_dir.truncate_metrics(self.step)
+                warning = space_warning(self.cfg, self.parallel.model, self.run_dir.path)
+                if warning:
+                    self.log(warning)
+                if self.cfg.wants_tensorboard:
+                    self.tb = TensorBoardLog(self.cfg.tensorboard_dir
+                                             or self.run_dir.path / "tensorboard", self.step)
             return self.loop()
         finally:
             if self.tb:
                 self.tb.close()
+            lock.release()
 
     def loop(self) -> int:
         cfg = self.cfg
@@ -188,6 +196,7 @@ class Trainer:
         self.t_start = time.time()
         self.log("Training...")
         with StopRequest() as stop:
+            self.stop = stop
             if self.data.val_batches and self.step == 0:
                 # The starting point, as the original validated before its first update.
                 self.validate_and_log({"step": 0, "tokens": 0})
@@ -236,19 +245,9 @@ class Trainer:
 
     def write_metrics(self, record: dict) -> None:
         if self.is_main:
-            self.run_dir.append_metrics(record)
-            if self.tb:
-                self.tb.write(record)
+            self.run_dir.append_metrics(record, self.tb)
 
     # -- one step ------------------------------------------------------------------------------
-
-    def add_noise(self, tokens: np.ndarray) -> np.ndarray:
-        """--noise p: each input token becomes a uniform random id with probability p."""
-        if not self.cfg.noise:
-            return tokens
-        mask = self.noise_rng.random(tokens.shape) < self.cfg.noise
-        random_ids = self.noise_rng.integers(0, self.config.n_vocab, tokens.shape)
-        return np.where(mask, random_ids, tokens)
 
     def train_step(self) -> float | None:
         """One update from accumulate_gradients micro-batches; None if the loss was not finite."""
@@ -260,7 +259,8 @@ class Trainer:
             batch = np.asarray(self.sampler.sample_batch(cfg.batch_size, self.seq_len),
                                dtype=np.int64)
             targets = torch.from_numpy(batch).to(self.device)
-            inputs = torch.from_numpy(self.add_noise(batch)).to(self.device)
+            inputs = torch.from_numpy(add_noise(batch, cfg.noise, self.noise_rng,
+                                                self.config.n_vocab)).to(self.device)
             with self.parallel.synced():
                 with self.parallel.no_sync(i == n - 1), autocast(self.device, self.precision):
                     loss = model(inputs, targets=targets, loss_chunk=self.loss_chunk)
@@ -285,6 +285,10 @@ class Trainer:
 
     def validate_and_log(self, record: dict) -> None:
         val = self.validate()
+        if val is None:
+            if record["step"]:
+                self.write_metrics(record)
+            return
         self.log(f"[{record['step']} | {self.elapsed_now():2.2f}] validation loss = {val:2.2f}")
         if record["step"] == 0:
             record["elapsed"] = self.elapsed_now()
@@ -292,13 +296,17 @@ class Trainer:
         self.write_metrics(record)
 
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean loss over the fixed validation batches, shared out across the ranks."""
+    def validate(self) -> float | None:
+        """Mean loss over the fixed validation batches, shared out across the ranks; None when
+        a stop was requested during the pass."""
         self.log("Calculating validation loss...")
         batches, model = self.data.val_batches, self.parallel.eval_model
         model.eval()
         total = count = 0.0
         for i in tqdm(self.parallel.my_batches(len(batches)), disable=not self.is_main):
+            if distributed.broadcast_flag(self.stop.requested, self.dist):
+                model.train()  # Ctrl-C: stop within a batch, not after the whole pass
+                return None
             tokens = torch.from_numpy(np.asarray(batches[min(i, len(batches) - 1)],
                                                  dtype=np.int64)).to(self.device)
             with self.parallel.synced(training=False), autocast(self.device, self.precision):

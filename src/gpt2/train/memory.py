@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import UserError
-from ..model import GPTConfig
+from ..model import GPTConfig, param_shapes
 from ..runtime import PRECISIONS
 from .optim import OPTIMIZERS
 
@@ -71,23 +71,6 @@ class MemoryEstimate:
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in asdict(self).items() if k != "peak")
         return f"{parts} -> peak {self.peak / GB:.2f} GB"
-
-
-def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape by name, as GPT(config).named_parameters() (tied head once)."""
-    E, V, C = config.n_embd, config.n_vocab, config.n_ctx
-    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, E), "wpe.weight": (C, E)}
-    for i in range(config.n_layer):
-        for name, shape in (("ln_1.weight", (E,)), ("ln_1.bias", (E,)),
-                            ("attn.c_attn.weight", (3 * E, E)), ("attn.c_attn.bias", (3 * E,)),
-                            ("attn.c_proj.weight", (E, E)), ("attn.c_proj.bias", (E,)),
-                            ("ln_2.weight", (E,)), ("ln_2.bias", (E,)),
-                            ("mlp.c_fc.weight", (4 * E, E)), ("mlp.c_fc.bias", (4 * E,)),
-                            ("mlp.c_proj.weight", (E, 4 * E)), ("mlp.c_proj.bias", (E,))):
-            shapes[f"h.{i}.{name}"] = shape
-    shapes["ln_f.weight"] = (E,)
-    shapes["ln_f.bias"] = (E,)
-    return shapes
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -136,10 +136,11 @@ class Parallel:
         return optimizer
 
     def my_batches(self, n: int) -> list[int]:
-        """This rank's share of ``n`` validation batches (every world_size-th). Under FSDP the
-        forward is a collective, so every rank runs as many (indices >= n are padding)."""
+        """This rank's share of ``n`` validation batches (every world_size-th). Every rank runs
+        as many (indices >= n are padding that counts zero): under FSDP the forward is a
+        collective, and the loop checks for a stop between batches, also a collective."""
         ws, rank = self.dist.world_size, self.dist.rank
-        return list(range(rank, -(-n // ws) * ws if self.sharded else n, ws))
+        return list(range(rank, -(-n // ws) * ws, ws))
 
     def full_model(self) -> GPT:
         """The model to write: itself, or under FSDP a CPU copy of the gathered weights (on

@@ -20,10 +20,14 @@ hard links to the newest one (no second copy of the weights on disk).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,13 +35,21 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..io.atomic import write_text
+from ..io.atomic import (file_mode, fsync_dir, is_no_space, no_space_message, pid_alive,
+                         remove_stale_temp_files, write_text)
 from ..io.model_dir import save_model
 from ..io.paths import COUNTER, HPARAMS, expand, follow_run_dir, has_weights, resolve_model_dir
 from .state import is_checkpoint, write_optimizer, write_state
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "lock"
 _CKPT_RE = re.compile(r"^model-(\d+)$")
+# Temporary directories of saves: ".tmp-model-<step>-<pid>" and ".tmp-model-old-<pid>-model-<N>".
+_TMP_DIR_RE = re.compile(r"^\.tmp-model-(?:\d+-(?P<new>\d+)|old-(?P<old>\d+)-model-\d+)$")
+# What a checkpoint holds; earlier versions also kept copies of these at the run's top level.
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json",
+                    "hparams.json", "encoder.json", "vocab.bpe", "vocab.json", "merges.txt",
+                    "sp.model")
 
 
 @dataclass
@@ -54,21 +66,80 @@ def _restore_arg_dir(value: str) -> Path:
     path = expand(value)
     if path.is_dir():
         return follow_run_dir(path)
+    if path.name in CHECKPOINT_FILES and follow_run_dir(path.parent) != path.parent:
+        return follow_run_dir(path.parent)  # run/model.safetensors: the run's newest checkpoint
     if path.is_file() or (path.parent.is_dir() and any(path.parent.glob(path.name + ".*"))):
         return path.parent
     raise UserError(f"--restore_from {value}: no such checkpoint directory or file "
                     "(use latest, fresh, or a path)")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:  # filesystems without hard links
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+def _size(optimizer_tensors: dict, model: torch.nn.Module) -> int:
+    """Bytes a checkpoint of this model and optimizer state takes, about."""
+    tensors = list(optimizer_tensors.values()) + list(model.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+
+
+class RunLock:
+    """``<run>/lock``: one training process per run directory, for as long as it runs.
+
+    An flock held on the file (released by the kernel however the process ends, SIGKILL
+    included) says the run is in use; the file says by whom (pid, host, start time). A lock
+    file naming a process that is gone is taken over with a warning. The file is emptied,
+    never deleted, on release, so that two processes can never lock two different files.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def _holder(self, fd: int) -> dict:
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            holder = json.loads(os.read(fd, 4096) or b"{}")
+        except ValueError:
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def acquire(self, log: Callable[[str], None]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+        held = self._try_flock(fd)
+        holder = self._holder(fd)
+        host, pid = holder.get("host"), holder.get("pid")
+        alive_here = host == socket.gethostname() and isinstance(pid, int) and pid_alive(pid)
+        if held is False or (held is None and alive_here and pid != os.getpid()):
+            os.close(fd)
+            raise UserError(f"{self.run_dir} is in use by process {pid} on {host} (started "
+                            f"{holder.get('started', '?')}); wait for it to finish, or pick "
+                            "another --run_name")
+        if pid and pid != os.getpid():
+            log(f"warning: {self.run_dir}: taking over the lock left by process {pid} on {host} "
+                f"(started {holder.get('started', '?')}), which is gone")
+        mine = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(mine).encode() + b"\n", 0)
+        os.fsync(fd)
+        self.fd = fd
+
+    @staticmethod
+    def _try_flock(fd: int) -> bool | None:
+        """True: locked; False: another process holds it; None: no flock on this filesystem."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
 
 
 class RunDir:
@@ -125,55 +196,83 @@ class RunDir:
 
     # -- saving
 
-    def _clean_stale(self) -> None:
-        for p in self.path.glob(".tmp-model-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what crashed saves of this run left: ``.tmp-model-*`` directories and our
+        temporary files, of processes that are gone (never a user's file)."""
+        removed = []
+        if not self.path.is_dir():
+            return removed
+        for p in self.path.iterdir():
+            m = _TMP_DIR_RE.match(p.name)
+            if m and p.is_dir() and not pid_alive(int(m.group("new") or m.group("old"))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        return removed + remove_stale_temp_files(self.path)
+
+    def check_space(self, needed: int) -> None:
+        """Refuse a save that cannot fit before writing any of it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.path).free
+        if free < needed:
+            raise UserError(no_space_message(self.path, needed))
 
     def save(self, step: int, model: torch.nn.Module, optimizer_tensors: dict, optimizer_meta: dict,
              state: dict, encoder_dir: Path | None, keep: int = 5, remove_others: bool = False,
              extra: Callable[[Path], None] | None = None) -> Path:
-        """Write ``model-<step>`` atomically, point the run's top level at it, keep ``keep``.
+        """Write ``model-<step>`` completely, then publish it: one commit point per save.
 
-        ``model`` must be the unwrapped module (not compiled, not DDP): its state dict names are
-        the ones gpt2.load_model expects. ``remove_others`` drops every older checkpoint of the
-        run (a fresh start with --overwrite). ``extra(tmp_dir)`` may add files (e.g. a LoRA
-        adapter) before the checkpoint is renamed into place.
+        Every file of the checkpoint is written and fsynced under ``.tmp-model-<step>-<pid>``,
+        the directory renamed to ``model-<step>``, and only then ``counter`` (the run's pointer
+        to its newest checkpoint, which every reader follows) atomically rewritten. A kill at
+        any moment leaves the previous checkpoint named by ``counter``; a failed save removes
+        what it wrote. ``model`` must be the unwrapped module; ``remove_others`` drops every
+        older checkpoint (a fresh start with --overwrite); ``extra(tmp_dir)`` may add files.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._clean_stale()
+        self.check_space(_size(optimizer_tensors, model))
         tmp = self.path / f".tmp-model-{step}-{os.getpid()}"
-        save_model(model, tmp, encoder_dir=encoder_dir)
-        write_optimizer(tmp, optimizer_tensors, optimizer_meta)
-        write_state(tmp, state)
-        if extra is not None:
-            extra(tmp)
-
+        try:
+            save_model(model, tmp, encoder_dir=encoder_dir)
+            write_optimizer(tmp, optimizer_tensors, optimizer_meta)
+            write_state(tmp, state)
+            if extra is not None:
+                extra(tmp)
+            fsync_dir(tmp)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_no_space(e):
+                raise UserError(no_space_message(self.path, _size(optimizer_tensors, model))
+                                ) from None
+            raise
         final = self.path / f"model-{step}"
-        old = None
-        if final.exists():  # a rewound run saving the same step again
-            old = self.path / f".tmp-model-old-{step}-{os.getpid()}"
-            os.replace(final, old)
+        if final.exists():  # a rewound run saving the same step again: that one is stale
+            self._discard(final)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-        # The run directory is itself a model directory holding the newest checkpoint; the
-        # counter is written last, so it never names a checkpoint that is not complete.
-        for f in sorted(final.iterdir()):
-            if f.is_file():
-                _link_or_copy(f, self.path / f.name)
-            elif f.is_dir():  # e.g. adapter/: small, so a plain copy
-                shutil.rmtree(self.path / f.name, ignore_errors=True)
-                shutil.copytree(f, self.path / f.name)
-        write_text(self.path / COUNTER, f"{step}\n")
+        fsync_dir(self.path)
+        write_text(self.path / COUNTER, f"{step}\n")  # the commit point
+        self._drop_top_level_copies()
         self._prune(final, keep, remove_others)
         return final
+
+    def _discard(self, path: Path) -> None:
+        """Rename first, then delete: a kill mid-delete leaves a temporary name, not a
+        half-deleted checkpoint that looks complete."""
+        doomed = self.path / f".tmp-model-old-{os.getpid()}-{path.name}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _drop_top_level_copies(self) -> None:
+        """Runs saved by earlier versions kept the newest checkpoint's files (hard links) at the
+        top level too; readers follow ``counter`` now, and those copies would go stale."""
+        for name in CHECKPOINT_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / name).unlink()
+        shutil.rmtree(self.path / "adapter", ignore_errors=True)
 
     def _prune(self, newest: Path, keep: int, remove_others: bool) -> None:
         older = [p for _, p in self.checkpoints() if p != newest]
         doomed = older if remove_others else older[:max(0, len(older) - (keep - 1))]
         for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+            self._discard(path)
 
     # -- metrics and samples
 
@@ -191,9 +290,12 @@ class RunDir:
                 continue  # a line cut short by a crash
         write_text(path, "".join(line + "\n" for line in kept))
 
-    def append_metrics(self, record: dict) -> None:
+    def append_metrics(self, record: dict, tensorboard=None) -> None:
+        """One line of metrics.jsonl (and the same numbers to TensorBoard, when it logs)."""
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if tensorboard is not None:
+            tensorboard.write(record)
 
     def write_samples(self, step: int, texts: list[str], encoding: str) -> list[str]:
         """``samples/<run>/samples-<step>``: each text after a ``======== SAMPLE i`` banner."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -117,3 +119,16 @@ def load_training_data(cfg: TrainConfig, encoder, config: GPTConfig, dist: DistI
             val_fraction=cfg.val_fraction, val_batch_count=cfg.val_batch_count,
             val_batch_size=cfg.val_batch_size, log=log, quiet=not dist.is_main,
             text_field=cfg.text_field, split_eot=not cfg.literal_endoftext)
+
+
+def space_warning(cfg: TrainConfig, model: GPT, run_dir: Path) -> str | None:
+    """Said early: the disk will not hold a checkpoint (weights + optimizer state), about."""
+    slots = {"adam": 2, "adamw": 2, "sgd": 0, "adafactor": 0.1}[cfg.optimizer]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = int(weights * (1 + slots)) + (1 << 20)
+    free = shutil.disk_usage(run_dir).free
+    if free >= needed:
+        return None
+    return (f"warning: {run_dir} has {free / 1e6:.0f} MB free, but a checkpoint of this run "
+            f"needs about {needed / 1e6:.0f} MB: saves will fail; free some space or pick "
+            "another --checkpoint_dir")

@@ -1,0 +1,299 @@
+"""Never lose a run: SIGKILL at every rename and fsync of a save, random SIGKILLs, a full disk,
+two runs on one directory, a stale lock, Ctrl-C in validation, SIGTERM while encoding.
+
+A save has one commit point (the atomic rewrite of ``counter`` after ``model-N/`` is complete
+and renamed): whatever moment a kill hits, the checkpoint ``counter`` names is one an
+uninterrupted run wrote byte for byte, and resuming from it finishes with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpt2.io.paths import follow_run_dir
+from test_train import args, make_model_dir, synthetic_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One training run in a fresh process (the harness below forks many from one).
+KILLER = r"""
+import os, signal, sys
+target, kill_at = int(os.environ["KILL_STEP"]), int(os.environ["KILL_AT"])
+import gpt2.train.run_dir as rd
+state = {"active": False, "n": 0}
+save = rd.RunDir.save
+def watched(self, step, *a, **k):
+    state["active"] = step == target
+    try:
+        return save(self, step, *a, **k)
+    finally:
+        state["active"] = False
+rd.RunDir.save = watched
+def counted(real):
+    def call(*a, **k):
+        if state["active"]:
+            state["n"] += 1
+            if state["n"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    return call
+os.replace, os.fsync, os.rename = counted(os.replace), counted(os.fsync), counted(os.rename)
+from gpt2.cli import main
+print("POINTS", flush=True)
+code = main(["train"] + sys.argv[1:])
+print("SAVE_CALLS", state["n"], flush=True)
+sys.exit(code)
+"""
+
+
+def env(tmp: Path, **extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "GPT2_CACHE": str(tmp / "cache"),
+            **extra}
+
+
+def train(tmp: Path, argv: list[str], timeout: float = 120, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILLER, *argv], cwd=tmp, env=env(tmp, **{
+        "KILL_STEP": "-1", "KILL_AT": "0", **extra}), capture_output=True, text=True,
+        timeout=timeout)
+
+
+def temp_files(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+def checkpoint_bytes(ckpt: Path) -> dict:
+    """What must match between two checkpoints of the same step (not the wall-clock time)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state.pop("elapsed")
+    state["config"] = {k: v for k, v in state["config"].items()
+                       if k not in ("max_steps", "run_name", "keep_checkpoints")}
+    return {"model": (ckpt / "model.safetensors").read_bytes(),
+            "optimizer": (ckpt / "optimizer.safetensors").read_bytes(), "state": state}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_dir = make_model_dir(tmp_path / "tiny")
+    data = tmp_path / "data.txt"
+    data.write_text(synthetic_text(3000))
+    return tmp_path, data, model_dir
+
+
+def run_args(data, model_dir, **flags) -> list[str]:
+    base = dict(save_every=1, keep_checkpoints=1, dropout=0.1, noise=0.05, optimizer="adamw")
+    return args(data, model_dir, **{**base, **flags})
+
+
+def harness(tmp: Path, runs: list[dict], timeout: float = 600) -> list[dict]:
+    """Every run forked from one process that imported torch once (tests/crash_harness.py)."""
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"cwd": str(tmp), "runs": runs}))
+    proc = subprocess.run([sys.executable, str(REPO / "tests/crash_harness.py"), str(spec)],
+                          env=env(tmp), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_sigkill_before_every_rename_and_fsync_of_a_save(setup):
+    tmp, data, model_dir = setup
+    kill = tmp / "checkpoint/kill"
+    base = run_args(data, model_dir, max_steps=1, run_name="base")
+    ref = run_args(data, model_dir, max_steps=4, run_name="ref", keep_checkpoints=9)
+    counted, _ = harness(tmp, [{"argv": ref, "kill_step": 2}, {"argv": base}])
+    points = counted["calls"] + 1  # with keep 1 the save also retires model-1: one more rename
+    assert counted["exit"] == 0 and points >= 20  # per file: fsync, rename, directory fsync
+    reference = {n: checkpoint_bytes(tmp / f"checkpoint/ref/model-{n}") for n in (1, 2, 4)}
+    argv = run_args(data, model_dir, max_steps=4, run_name="kill")
+    copy = {"copy": [str(tmp / "checkpoint/base"), str(kill)]}
+    runs, resumed = [], (1, points // 2, points - 4, points - 1, points)
+    for k in range(1, points + 1):
+        runs.append({"argv": argv, "kill_step": 2, "kill_at": k, "setup": copy,
+                     "keep": [str(kill), str(tmp / f"named/{k}")]})
+        if k in resumed:  # and resuming from what the kill left finishes the run exactly
+            runs.append({"argv": argv, "keep": [str(kill), str(tmp / f"done/{k}")]})
+    results = iter(harness(tmp, runs))
+    for k in range(1, points + 1):
+        killed = next(results)
+        assert killed["signal"] == signal.SIGKILL, (k, killed)
+        step = int(killed["named"].split("-")[1])
+        assert step in (1, 2), (k, killed)
+        # the checkpoint counter names is exactly the uninterrupted run's of that step
+        assert checkpoint_bytes(tmp / f"named/{k}") == reference[step], k
+        if k in resumed:
+            done = next(results)
+            assert done["exit"] == 0 and done["named"] == "model-4", (k, done)
+            assert checkpoint_bytes(tmp / f"done/{k}") == reference[4], k
+            assert temp_files(kill) == [] and temp_files(tmp / "cache") == [], k
+            assert sorted(p.name for p in kill.glob("model-*")) == ["model-4"]
+
+
+def test_random_sigkills_then_one_full_run_give_the_uninterrupted_weights(setup):
+    tmp, data, model_dir = setup
+    flags = dict(max_steps=40, save_every=3, keep_checkpoints=2)
+    rng = random.Random(0)
+    argv = run_args(data, model_dir, run_name="kill", **flags)
+    runs = [{"argv": run_args(data, model_dir, run_name="ref", **flags)}]
+    runs += [{"argv": argv, "kill_after": rng.uniform(0.05, 1.5)} for _ in range(8)]
+    results = harness(tmp, runs + [{"argv": argv}])
+    assert results[0]["exit"] == 0 and results[-1]["exit"] == 0, results
+    killed = [r for r in results[1:-1] if r["signal"] == signal.SIGKILL]
+    assert len(killed) >= 6, results  # (a kill may come after a short run finished)
+    ref, done = tmp / "checkpoint/ref/model-40", tmp / "checkpoint/kill/model-40"
+    assert (ref / "model.safetensors").read_bytes() == (done / "model.safetensors").read_bytes()
+    losses = [[json.loads(line).get("loss") for line in (tmp / f"checkpoint/{r}/metrics.jsonl")
+               .read_text().splitlines()] for r in ("ref", "kill")]
+    assert losses[0] == losses[1] and len(losses[0]) == 40
+    assert temp_files(tmp / "checkpoint") == [] and temp_files(tmp / "cache") == []
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MB tmpfs: room for the first checkpoint of a tiny run, not for three."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(setup, small_disk):
+    tmp, data, model_dir = setup
+    run = small_disk / "run1"
+    flags = run_args(data, model_dir, max_steps=10, keep_checkpoints=3)
+    proc = train(tmp, flags + ["--checkpoint_dir", str(small_disk)])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(run))}: no space left on device \(needs about "
+                        r"\d+ MB, \d+ MB free\)", last), last
+    assert "Traceback" not in proc.stderr
+    kept = follow_run_dir(run)
+    assert kept != run and temp_files(small_disk) == []
+    # the last checkpoint loads and resumes (once there is room again)
+    from gpt2.io.model_dir import load_model
+
+    load_model(kept)
+    shutil.copytree(run, tmp / "moved/run1")
+    resumed = train(tmp, run_args(data, model_dir, max_steps=int(kept.name[6:]) + 1,
+                                  keep_checkpoints=3) + ["--checkpoint_dir", str(tmp / "moved")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_no_space_in_the_middle_of_a_save_removes_what_it_wrote(setup, small_disk,
+                                                                  monkeypatch):
+    """The check before a save can be beaten by another writer: then ENOSPC mid-write."""
+    import torch
+
+    from gpt2.errors import UserError
+    from gpt2.model import GPT, GPTConfig
+    from gpt2.train.run_dir import RunDir
+
+    monkeypatch.setattr(RunDir, "check_space", lambda self, needed: None)
+    model = GPT(GPTConfig(n_vocab=97, n_ctx=64, n_embd=128, n_head=4, n_layer=2))
+    big = {"m": torch.zeros(600_000)}  # 2.4 MB of optimizer state: does not fit
+    with pytest.raises(UserError, match="no space left on device"):
+        RunDir(small_disk, small_disk, "run1").save(1, model, big, {}, {"step": 1}, None)
+    assert list((small_disk / "run1").iterdir()) == []
+
+
+# --- one run per directory ------------------------------------------------------------------
+
+def test_a_second_run_on_one_directory_is_refused_and_a_stale_lock_taken_over(setup):
+    tmp, data, model_dir = setup
+    argv = [sys.executable, "-m", "gpt2", "train",
+            *run_args(data, model_dir, max_steps=100000, save_every=0)]
+    first = subprocess.Popen(argv, cwd=tmp, env=env(tmp), stdout=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("Training..."):
+                break
+        t0 = time.time()
+        second = subprocess.run(argv, cwd=tmp, env=env(tmp), capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 1 and time.time() - t0 < 15
+        err = second.stderr.strip()
+        assert re.fullmatch(rf"error: {re.escape(str(Path('checkpoint/run1')))} is in use by "
+                            rf"process {first.pid} on \S+ \(started [\d-]+ [\d:]+\); .*", err), err
+    finally:
+        first.kill()  # SIGKILL: the lock file still names it
+        first.wait()
+    lock = json.loads((tmp / "checkpoint/run1/lock").read_text())
+    assert lock["pid"] == first.pid
+    third = subprocess.run([sys.executable, "-m", "gpt2", "train",
+                            *run_args(data, model_dir, max_steps=2)],
+                           cwd=tmp, env=env(tmp), capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"taking over the lock left by process {first.pid}" in third.stdout
+    assert (tmp / "checkpoint/run1/lock").read_text() == ""  # released
+
+
+# --- signals --------------------------------------------------------------------------------
+
+def test_ctrl_c_in_a_long_validation_stops_within_a_batch_and_saves(setup):
+    tmp, data, model_dir = setup
+    argv = [sys.executable, "-m", "gpt2", "train",
+            *run_args(data, model_dir, max_steps=100, val_every=50, val_batch_count=100000,
+                      save_every=0)]
+    proc = subprocess.Popen(argv, cwd=tmp, env=env(tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("Calculating validation loss"):
+            break
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert time.time() - t0 < 10  # not the ~100000 batches
+    assert "Saving checkpoint/run1/model-0" in out
+    assert (tmp / "checkpoint/run1/model-0/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", ["encode", "train"])
+def test_sigterm_while_encoding_leaves_no_worker_and_no_temp_file(setup, command):
+    tmp, data, model_dir = setup
+    big = tmp / "big.txt"
+    big.write_text(synthetic_text(3_000_000))
+    cache = tmp / "cache"
+    if command == "encode":
+        argv = ["encode", "--model_dir", str(model_dir), "--workers", "2", str(big),
+                str(tmp / "out.bin")]
+    else:
+        argv = ["train", *args(big, model_dir, max_steps=1)]
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2", *argv], cwd=tmp, env=env(tmp),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _children(proc.pid):
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "the encode never started its workers"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "workers outlived the parent"
+    assert temp_files(tmp) == [] and not (tmp / "out.bin").exists()
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
