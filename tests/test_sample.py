@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from gpt2.model import GPT, GPTConfig
-from gpt2.sampling import next_token, sample_sequence, top_k_logits, top_p_logits
+from gpt2.sampling import Decoder, next_token, sample_sequence, top_k_logits, top_p_logits
 from gpt2.commands.sample import interactive_main, unconditional_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -419,3 +419,43 @@ def test_next_token_draws_from_the_filtered_softmax(top_k, top_p, temperature):
     # 5 standard deviations of a binomial frequency
     tol = 5 * (expected * (1 - expected) / n).sqrt() + 1e-9
     assert ((freq - expected).abs() <= tol).all(), (freq, expected)
+
+
+def test_decoder_rows_that_join_and_leave_compute_what_each_computes_alone():
+    """The server's schedule: rows of different lengths join a running batch (left-padded),
+    some leave, the rest go on; every row's logits equal that row decoded on its own."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import make_model
+
+    model = make_model(GPTConfig(n_vocab=61, n_ctx=48, n_embd=32, n_head=4, n_layer=2))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23]]
+    steps = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]]
+    with torch.inference_mode():
+        alone = []
+        for prompt, feed in zip(prompts, steps):
+            dec = Decoder(model, torch.tensor([prompt]), 8)
+            alone.append([dec.logits[0].clone()] + [dec.feed(torch.tensor([t]))[0].clone()
+                                                    for t in feed])
+        dec = Decoder(model, torch.tensor([prompts[0]]), 8)
+        rows, done = [0], {0: 0}
+        schedule = {1: "join 1", 2: "join 2", 4: "leave 0"}
+        for step in range(6):
+            for i, row in enumerate(rows):
+                torch.testing.assert_close(dec.logits[i], alone[row][done[row]], rtol=0,
+                                           atol=1e-5)
+            event = schedule.get(step, "")
+            if event.startswith("join"):
+                row = int(event[-1])
+                dec.join(Decoder(model, torch.tensor([prompts[row]]), 8))
+                rows.append(row)
+                done[row] = 0
+                assert dec.mask is not None  # the rows differ in length: padded
+            elif event.startswith("leave"):
+                keep = [i for i, r in enumerate(rows) if r != int(event[-1])]
+                dec.keep(keep)
+                rows = [rows[i] for i in keep]
+            dec.feed(torch.tensor([steps[r][done[r]] for r in rows]))
+            for r in rows:
+                done[r] += 1
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(dec.logits[i], alone[row][done[row]], rtol=0, atol=1e-5)

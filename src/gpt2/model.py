@@ -100,8 +100,8 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, past: LayerPast | None = None
-                ) -> tuple[torch.Tensor, LayerPast]:
+    def forward(self, x: torch.Tensor, past: LayerPast | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerPast]:
         B, T, E = x.shape
         # [batch, sequence, 3 x features] -> 3 x [batch, heads, sequence, head_dim] (views)
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, E // self.n_head).permute(
@@ -111,7 +111,9 @@ class Attention(nn.Module):
         present = (k, v)
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        if S == T:
+        if mask is not None:  # rows of different lengths, left-padded: [B, 1, T, S]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         elif T == 1:
             # One new token sees every cached position: no mask at all.
@@ -186,9 +188,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, past: LayerPast | None = None
-                ) -> tuple[torch.Tensor, LayerPast]:
-        a, present = self.attn(self.ln_1(x), past)
+    def forward(self, x: torch.Tensor, past: LayerPast | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerPast]:
+        a, present = self.attn(self.ln_1(x), past, mask)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -224,30 +226,49 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
-                      use_cache: bool = True) -> tuple[torch.Tensor, list[LayerPast]]:
+                      use_cache: bool = True, key_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, list[LayerPast]]:
         """Final layer-normed states [B, T, n_embd] and the new cache (one (k, v) per layer).
 
         ``use_cache=False`` returns an empty cache: training then does not hold every layer's
         keys and values until the forward ends (with activation checkpointing they would be
         the largest thing alive).
+
+        ``key_mask`` [B, past + T] (bool, True for a real token) lets rows of different lengths
+        share one cache: each row's padding is left out of attention, and its positions count
+        its own tokens only.
         """
         B, T = tokens.shape
         past_len = 0 if past is None else past[0][0].size(2)
-        if past_len + T > self.config.n_ctx:
-            raise ValueError(f"sequence of {past_len + T} tokens is longer than n_ctx "
-                             f"({self.config.n_ctx})")
-        positions = torch.arange(past_len, past_len + T, device=tokens.device)
+        if key_mask is None:
+            if past_len + T > self.config.n_ctx:
+                raise ValueError(f"sequence of {past_len + T} tokens is longer than n_ctx "
+                                 f"({self.config.n_ctx})")
+            positions = torch.arange(past_len, past_len + T, device=tokens.device)
+            mask = None
+        else:
+            # A token's position counts the real tokens before it in its row.
+            positions = (key_mask.cumsum(1) - 1)[:, past_len:].clamp(min=0)
+            if int(positions.max()) >= self.config.n_ctx:
+                raise ValueError(f"a row of {int(positions.max()) + 1} tokens is longer than "
+                                 f"n_ctx ({self.config.n_ctx})")
+            causal = torch.ones(T, past_len + T, dtype=torch.bool, device=tokens.device).tril(
+                diagonal=past_len)
+            itself = causal.triu(diagonal=past_len)
+            # Padding sees itself only, so that no row of the mask is empty (NaN).
+            mask = (key_mask[:, None, None, :] & causal) | itself
         x = self.drop(self.wte(tokens) + self.wpe(positions))
         present = []
         for i, block in enumerate(self.h):
-            x, layer_present = block(x, None if past is None else past[i])
+            x, layer_present = block(x, None if past is None else past[i], mask)
             if use_cache:
                 present.append(layer_present)
         return self.ln_f(x), present
 
     def forward(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
                 use_cache: bool = False, last_only: bool = False,
-                targets: torch.Tensor | None = None, loss_chunk: int = 0):
+                targets: torch.Tensor | None = None, loss_chunk: int = 0,
+                key_mask: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, n_vocab]; with use_cache, also the new cache.
 
         ``last_only`` computes the logits of the last position only ([B, 1, n_vocab]): all a
@@ -256,13 +277,14 @@ class GPT(nn.Module):
         ``targets`` [B, T] returns ``lm_loss(logits, targets)`` instead of the logits (training:
         the loss is part of the forward that DDP, FSDP and torch.compile wrap); ``loss_chunk``
         > 0 computes it with :func:`chunked_lm_loss`, never holding [B, T, n_vocab] logits.
+        ``key_mask``: see :meth:`hidden_states`.
         """
         if targets is not None:
             h, _ = self.hidden_states(tokens, use_cache=False)
             if loss_chunk > 0:
                 return chunked_lm_loss(h, self.lm_head.weight, targets, chunk=loss_chunk)
             return lm_loss(self.lm_head(h), targets)
-        h, present = self.hidden_states(tokens, past, use_cache)
+        h, present = self.hidden_states(tokens, past, use_cache, key_mask)
         logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, present) if use_cache else logits
 

@@ -13,7 +13,7 @@ temperature first, then top-k, then top-p (OpenAI's ``src/sample.py`` order and 
 ``gpt2 evaluate --compare`` all run it): the prompt fills a preallocated KV cache once, then one
 token per row per step is fed back; a row that is finished leaves the batch and its cache.
 :class:`Decoder` is the cache and the model calls underneath, for loops that schedule rows
-themselves (the server).
+themselves (the server, whose requests join and leave between steps).
 
 Differences from the original, on purpose: ``temperature=0`` is greedy (the original divided
 by zero); ties at the k-th logit never keep more than k tokens; ``top_p`` 0 means no nucleus
@@ -125,19 +125,29 @@ class Decoder:
         dec = Decoder(model, context, max_new)     # prefill: dec.logits is [B, n_vocab] fp32
         dec.feed(tokens)                           # [B] ids -> the next dec.logits
         dec.keep([0, 2])                           # rows 1, 3, ... leave (their cache with them)
+        dec.join(Decoder(model, other, max_new))   # more rows join (the server's batching)
 
     Keys and values are written in place into buffers with room for ``max_new`` more positions
     (no torch.cat of every layer per token), and the prompt's logits are computed for its last
-    position only. Neither changes a single number.
+    position only (``prompt_logits=True``: every position's, kept as :attr:`prompt_logits`).
+    Neither changes a single number. Rows of different lengths share the cache left-padded,
+    the padding masked out (``GPT.forward(key_mask=...)``); while no row is padded the model is
+    called exactly as without ``join``.
     """
 
-    def __init__(self, model: torch.nn.Module, context: torch.Tensor, max_new: int):
+    def __init__(self, model: torch.nn.Module, context: torch.Tensor, max_new: int,
+                 prompt_logits: bool = False):
         self.model = model
         self.device = context.device
-        self.capacity = context.size(1) + max_new
+        self.length = context.size(1)  # positions in use, padding included
+        self.capacity = self.length + max_new
+        self.pads = [0] * context.size(0)  # each row's left padding
+        self.mask: torch.Tensor | None = None  # [B, capacity] bool, True: a real token
         past = empty_kv_cache(model.config, context.size(0), self.capacity, device=self.device,
                               dtype=_cache_dtype(model, self.device))
-        logits, self.past = model(context, past=past, use_cache=True, last_only=True)
+        logits, self.past = model(context, past=past, use_cache=True,
+                                  last_only=not prompt_logits)
+        self.prompt_logits = logits.float() if prompt_logits else None
         self.logits = logits[:, -1, :].float()
 
     @property
@@ -146,16 +156,58 @@ class Decoder:
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row; returns (and keeps) the next last-position logits."""
-        logits, self.past = self.model(tokens[:, None], past=self.past, use_cache=True)
+        padded = {}
+        if self.mask is not None:
+            if self.length == self.mask.size(1):
+                self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], 1)
+            self.mask[:, self.length] = True
+            padded = {"key_mask": self.mask[:, :self.length + 1]}
+        logits, self.past = self.model(tokens[:, None], past=self.past, use_cache=True, **padded)
+        self.length += 1
         self.logits = logits[:, -1, :].float()
         return self.logits
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order), copied into buffers that still have room."""
+        """Keep only these rows (in this order), copied into buffers that still have room; the
+        left padding all of them have is cut off."""
         index = torch.tensor(rows, device=self.device)
+        self.pads = [self.pads[i] for i in rows]
+        trim = min(self.pads)
+        self.pads = [p - trim for p in self.pads]
+        self.length -= trim
+        self.capacity -= trim
         self.logits = self.logits[index]
-        self.past = [(_regrow(k[index], self.capacity), _regrow(v[index], self.capacity))
-                     for k, v in self.past]
+        self.past = [(_regrow(k[index][:, :, trim:], self.capacity),
+                      _regrow(v[index][:, :, trim:], self.capacity)) for k, v in self.past]
+        self.mask = None if not max(self.pads) else self.mask[index][:, trim:].clone()
+
+    def join(self, other: Decoder) -> None:
+        """``other``'s rows join after these; whichever side is shorter is left-padded, and
+        every row keeps the room it had."""
+        length = max(self.length, other.length)
+        capacity = length + max(self.capacity - self.length, other.capacity - other.length)
+        mask = torch.zeros((self.rows + other.rows, capacity), dtype=torch.bool,
+                           device=self.device)
+        past = []
+        for mine, theirs in zip(self.past, other.past):
+            pair = []
+            for a, b in zip(mine, theirs):
+                buf = a.new_zeros((a.size(0) + b.size(0), a.size(1), capacity, a.size(3)))
+                buf[:a.size(0), :, length - self.length:length].copy_(a)
+                buf[a.size(0):, :, length - other.length:length].copy_(b)
+                pair.append(buf[:, :, :length])
+            past.append(tuple(pair))
+        for dec, rows, pad in ((self, slice(0, self.rows), length - self.length),
+                               (other, slice(self.rows, None), length - other.length)):
+            if dec.mask is None:
+                mask[rows, pad:length] = True
+            else:
+                mask[rows, pad:length] = dec.mask[:, :dec.length]
+        self.pads = [p + length - self.length for p in self.pads] + [
+            p + length - other.length for p in other.pads]
+        self.past, self.length, self.capacity = past, length, capacity
+        self.mask = mask if max(self.pads) else None
+        self.logits = torch.cat([self.logits, other.logits])
 
 
 def _regrow(cached: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -58,10 +58,10 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[int]) -> None:
         block = model.h[i]
         plain = block.forward
 
-        def forward(x, past=None, _plain=plain):
-            if past is None and torch.is_grad_enabled():
+        def forward(x, past=None, mask=None, _plain=plain):
+            if past is None and mask is None and torch.is_grad_enabled():
                 return checkpoint(_plain, x, use_reentrant=False)
-            return _plain(x, past)
+            return _plain(x, past, mask)
 
         block.forward = forward
 

@@ -1,0 +1,88 @@
+"""``gpt2 serve MODEL_DIR``: the model behind OpenAI's completions API, on 127.0.0.1:8000.
+
+    gpt2 serve checkpoint/run1 --port 8000 --max_batch 16
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"prompt": "Once upon a time", "max_tokens": 32}'
+
+Any model directory (ours, a run's checkpoint, the release, Hugging Face). Needs
+``pip install 'gpt2[serve]'`` (Starlette and uvicorn). SIGTERM or Ctrl-C stop accepting
+requests, let the running ones finish, and exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..cli import ArgumentParser, HelpFormatter
+from ..errors import Terminated, UserError
+from ..io.paths import expand, find_model_dir
+from ..runtime import DTYPES, PRECISIONS
+from .common import load_for_sampling
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="gpt2 serve", formatter_class=HelpFormatter,
+                       description="Serve a model over OpenAI's completions API, with "
+                                   "batching, streaming and a playground page at /.")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="model directory (ours, a run, release or Hugging Face) or a released name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: the "
+                        "GPT2_API_KEY environment variable; none: open)")
+    p.add_argument("--max_batch", type=int, default=16,
+                   help="completions decoded together in one forward pass per step")
+    p.add_argument("--max_queue", type=int, default=256,
+                   help="completions that may wait for a place in the batch; more get 429")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="dtype of the weights")
+    p.add_argument("--served_name", default=None,
+                   help="the model's name in the API (default: the directory's name)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("max_batch", "max_queue"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        import uvicorn
+
+        from ..serve.app import build_app
+    except ImportError as e:
+        raise UserError(f"gpt2 serve needs Starlette and uvicorn ({e.name} is missing): pip "
+                        "install 'gpt2[serve]'") from None
+    from ..serve.engine import Engine
+
+    model_dir = find_model_dir(args.model_dir)
+    model, enc, device = load_for_sampling(model_dir, args.device)
+    model = model.to(dtype=DTYPES[args.precision]).eval()
+    if enc.eot_token is None:
+        raise UserError(f"{model_dir}: the tokenizer has no <|endoftext|> token")
+    given = expand(args.model_dir)  # a run's name, not the model-N it points at now
+    name = args.served_name or (given.resolve() if given.is_dir() else model_dir).name
+    engine = Engine(model, enc, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine.start()
+    app = build_app(engine, enc, name, api_key=args.api_key or os.environ.get("GPT2_API_KEY"))
+    print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} ({device}, "
+          f"{args.precision}, batches of up to {args.max_batch})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=60, access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except (Terminated, KeyboardInterrupt):
+        pass  # uvicorn drained the running requests, then passed the signal on: done
+    except OSError as e:  # e.g. the port is taken
+        raise UserError(f"--port {args.port}: {e.strerror or e}") from None
+    finally:
+        engine.stop()
+    if not server.started:
+        raise UserError(f"{args.host}:{args.port}: could not listen there (in use?)")
+    return 0
