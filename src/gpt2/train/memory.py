@@ -2,7 +2,7 @@
 
     from gpt2.train.memory import estimate_memory, check_fits
     est = estimate_memory(config, batch_size=1, seq_len=1024, precision="bf16",
-                          optimizer="adamw8bit", activation_checkpointing=True)
+                          optimizer="adafactor", activation_checkpointing=True)
     print(est.describe())          # params 6.2 GB, grads 6.2 GB, optimizer 3.1 GB, ... peak 19.8 GB
     est.peak                       # bytes the framework's allocator must hand out at the worst moment
     line = check_fits(config, 1, "fp32", "adam", torch.device("cpu"))   # UserError with advice
