@@ -31,6 +31,7 @@ from gpt2.model import GPT, GPTConfig  # noqa: E402
 SHAPES = {
     "small": GPTConfig(n_vocab=50257, n_ctx=256, n_embd=256, n_head=4, n_layer=4),
     "124M": GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
+    "6x384": GPTConfig(n_vocab=50257, n_ctx=128, n_embd=384, n_head=6, n_layer=6),
     "355M": GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=1024, n_head=16, n_layer=24),
     "774M": GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=1280, n_head=20, n_layer=36),
     "1558M": GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),

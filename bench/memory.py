@@ -84,7 +84,8 @@ def rss_bytes() -> int:
 def child(spec: dict) -> dict:
     """One measurement, in this (fresh) process: two training steps of one configuration."""
     from gpt2.train.parallelize import apply_activation_checkpointing
-    from gpt2.model import GPT, chunked_lm_loss, lm_loss
+    from gpt2.model import GPT
+    from gpt2.train.memory import CHUNK_ROWS
 
     device = setup(spec["device"], spec["threads"])
     config = SHAPES[spec["shape"]]
@@ -106,11 +107,9 @@ def child(spec: dict) -> dict:
     t0 = time.perf_counter()
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        if opts.get("chunked_loss"):
-            h, _ = model.hidden_states(tokens, use_cache=False)
-            loss = chunked_lm_loss(h, model.lm_head.weight, tokens)
-        else:
-            loss = lm_loss(model(tokens), tokens)
+        # what train.py runs: the loss inside the forward (head_lm_loss or chunked_lm_loss)
+        loss = model(tokens, targets=tokens,
+                     loss_chunk=CHUNK_ROWS if opts.get("chunked_loss") else 0)
         loss.backward()
         opt.step()
     seconds = (time.perf_counter() - t0) / 2

@@ -1,6 +1,7 @@
 """The speed and memory paths compute exactly what the plain ones do, and the estimate is honest.
 
 - chunked_lm_loss == lm_loss (value and every gradient), at any chunk size, fp32 and autocast;
+- head_lm_loss (what model(tokens, targets=...) runs) == lm_loss of the plain head, likewise;
 - lm_loss == a pure reference (slice the logits, mean cross-entropy written out by hand);
 - the preallocated KV cache gives the same logits as torch.cat growth and full recompute, writes
   into its buffers, and never does so while gradients are recorded;
@@ -21,7 +22,8 @@ from gpt2.train.memory import (GB, OPTIMIZERS, estimate_memory, optimizer_bytes,
                                   param_shapes)
 from gpt2 import kernels
 from gpt2.kernels import OneDNNLinear, decode_kernels
-from gpt2.model import GPT, GPTConfig, chunked_lm_loss, empty_kv_cache, lm_loss
+from gpt2.model import (GPT, GPTConfig, chunked_lm_loss, empty_kv_cache, head_lm_loss,
+                        lm_loss)
 
 
 def reference_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -104,6 +106,54 @@ def test_chunked_loss_under_bf16_autocast_tracks_lm_loss(tiny_config):
         scale = g_plain[name].abs().max().item() + 1e-6
         assert (g_plain[name] - g_chunked[name]).abs().max().item() <= 0.05 * scale, name
     assert g_chunked["wte.weight"].dtype == torch.float32
+
+
+def test_head_loss_is_the_plain_head_and_lm_loss(tiny_config):
+    """model(tokens, targets=tokens) runs head_lm_loss: the same loss and every gradient as
+    lm_loss(model(tokens), tokens) (the tied weight's two gradients summed), a scaled incoming
+    gradient, backward twice with retain_graph, no-grad, and a frozen head."""
+    torch.manual_seed(5)
+    model = GPT(tiny_config).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()  # no dropout: both calls see the same network
+    tokens = torch.randint(0, tiny_config.n_vocab, (3, tiny_config.n_ctx))
+    plain, g_plain = grads_of(model, lambda: lm_loss(model(tokens), tokens))
+    fused, g_fused = grads_of(model, lambda: model(tokens, targets=tokens))
+    assert fused == pytest.approx(plain, abs=1e-5)
+    for name in g_plain:
+        assert (g_plain[name] - g_fused[name]).abs().max().item() <= 1e-5, name
+    h = torch.randn(2, 8, tiny_config.n_embd, requires_grad=True)
+    w = torch.randn(tiny_config.n_vocab, tiny_config.n_embd, requires_grad=True)
+    t = tokens[:2, :8]
+    (3.5 * lm_loss(h @ w.t(), t)).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss = 3.5 * head_lm_loss(h, w, t)
+    loss.backward(retain_graph=True)
+    loss.backward()  # the saved gradient must not have been scaled in place
+    assert torch.allclose(h.grad, 2 * gh, atol=1e-5) and torch.allclose(w.grad, 2 * gw, atol=1e-5)
+    with torch.no_grad():
+        assert head_lm_loss(h, w, t).item() == pytest.approx(lm_loss(h @ w.t(), t).item(),
+                                                             abs=1e-5)
+    h.grad = None
+    head_lm_loss(h, w.detach(), t).backward()
+    assert torch.allclose(h.grad, gh / 3.5, atol=1e-5)
+
+
+def test_head_loss_under_bf16_autocast_tracks_lm_loss(tiny_config):
+    torch.manual_seed(6)
+    model = GPT(tiny_config).eval()
+    tokens = torch.randint(0, tiny_config.n_vocab, (2, tiny_config.n_ctx))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, g_plain = grads_of(model, lambda: lm_loss(model(tokens), tokens))
+        fused, g_fused = grads_of(model, lambda: model(tokens, targets=tokens))
+    assert fused == pytest.approx(plain, abs=2e-2)
+    for name in g_plain:
+        scale = g_plain[name].abs().max().item() + 1e-6
+        assert (g_plain[name] - g_fused[name]).abs().max().item() <= 0.05 * scale, name
+    assert g_fused["wte.weight"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("prefix", [1, 6])

@@ -16,6 +16,7 @@ conversion is a table, not a puzzle.
     logits, present = model(tokens, past=past, use_cache=True)  # grows in place, no torch.cat
 
     loss = model(tokens, targets=tokens)                    # == lm_loss(model(tokens), tokens)
+                                                            # (head_lm_loss: one [B, T, V] buffer)
     loss = model(tokens, targets=tokens, loss_chunk=256)    # the same, no [B, T, V] logits
 """
 
@@ -283,7 +284,7 @@ class GPT(nn.Module):
             h, _ = self.hidden_states(tokens, use_cache=False)
             if loss_chunk > 0:
                 return chunked_lm_loss(h, self.lm_head.weight, targets, chunk=loss_chunk)
-            return lm_loss(self.lm_head(h), targets)
+            return head_lm_loss(h, self.lm_head.weight, targets)
         h, present = self.hidden_states(tokens, past, use_cache, key_mask)
         logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, present) if use_cache else logits
@@ -305,6 +306,57 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     # it would copy the whole [B, T, V] tensor (and its gradient). The last position is ignored.
     targets = F.pad(tokens[:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def head_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
+                 ) -> torch.Tensor:
+    """``lm_loss(F.linear(hidden, weight), tokens)``, the full logits in one [B*T, V] buffer.
+
+    What ``model(tokens, targets=tokens)`` computes. The buffer that holds the logits is turned
+    in place into probabilities and then into the loss's gradient, so forward and backward
+    allocate one [B*T, V] tensor instead of four (logits, log-softmax, the gradient of the
+    log-softmax, that of the logits), and the head's weight gradient arrives as a fresh tensor
+    that the tied embedding's gradient is added into in place (autograd adds to a view out of
+    place: another [V, E] tensor). Same loss and gradients as the plain head up to rounding.
+    """
+    h = hidden.flatten(0, 1)
+    targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()
+    wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _HeadLMLoss.apply(h, weight, targets, wants_grad)
+
+
+class _HeadLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, wants_grad: bool):
+        logits = F.linear(h, weight)
+        x = logits.float()  # the same tensor in fp32; under autocast the one fp32 copy
+        valid = targets != -100
+        safe = targets.masked_fill(~valid, 0)
+        n = valid.sum()
+        picked = x.gather(1, safe[:, None])
+        m = x.amax(dim=-1, keepdim=True)
+        p = x.sub_(m).exp_()  # unnormalised probabilities, in place over the logits
+        s = p.sum(dim=-1, keepdim=True)
+        loss = ((m + s.log() - picked).squeeze(1) * valid).sum() / n
+        if wants_grad:
+            # d(mean loss)/d(logits) = (softmax - one_hot) / n on counted rows, 0 on the others.
+            g = p.mul_(valid[:, None] / (n * s))
+            g[torch.arange(g.size(0), device=g.device), safe] -= valid / n
+            ctx.compute_dtype = logits.dtype
+            ctx.save_for_backward(h, weight, g)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, g = ctx.saved_tensors
+        g = g.to(ctx.compute_dtype)  # fp32: no copy; autocast: the matmuls' dtype, as plain
+        grad_h = grad_w = None
+        # grad_out scales the small operand, never the [N, V] gradient (kept for retain_graph).
+        if ctx.needs_input_grad[0]:
+            grad_h = (g @ weight.to(ctx.compute_dtype)).mul_(grad_out).to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t().mm((h * grad_out).to(ctx.compute_dtype)).to(weight.dtype)
+        return grad_h, grad_w, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,

@@ -176,10 +176,10 @@ class TrainConfig:
         "as the original did.", check=in_range(0.0, 1.0))
     overwrite: bool = flag(False, "With --restore_from fresh: replace the run's existing "
                            "checkpoints.")
-    loss_chunk: int | None = flag(
-        None, "Compute the loss ROWS positions at a time, never holding the whole batch's "
-        "logits (0: off; default: 256 on CPU for vocabularies of 16k+ ids, off on GPU).",
-        check=at_least(0), metavar="ROWS", shown="256 on CPU for 16k+ ids, else 0")
+    loss_chunk: int = flag(
+        0, "Compute the loss ROWS positions at a time, never holding more than ROWS x vocab "
+        "logits (saves memory, costs a little time; 0: the whole batch at once).",
+        check=at_least(0), metavar="ROWS")
     skip_memory_check: bool = flag(False, "Start even when the memory estimate exceeds the "
                                    "free memory.")
     # -- distributed

@@ -44,7 +44,7 @@ from .distributed import DistInfo
 from .parallelize import parallelize, parse_blocks
 from .run_dir import RunDir, RunLock
 from .setup import (choose_seed, describe_run, load_training_data, memory_summary,
-                    resolve_loss_chunk, restore_rngs, seed_globals, space_warning)
+                    restore_rngs, seed_globals, space_warning)
 from .state import read_optimizer, read_state, rng_state
 from .tensorboard import TensorBoardLog
 
@@ -109,7 +109,7 @@ class Trainer:
         if self.sample_length > config.n_ctx:
             raise UserError(f"--sample_length {self.sample_length} is longer than the model's "
                             f"n_ctx ({config.n_ctx})")
-        self.loss_chunk = resolve_loss_chunk(cfg.loss_chunk, config, self.device)
+        self.loss_chunk = cfg.loss_chunk
         try:
             blocks = (parse_blocks(cfg.memory_saving_blocks, config.n_layer)
                       if cfg.memory_saving_gradients else [])

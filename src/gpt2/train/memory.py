@@ -48,10 +48,6 @@ GB = 1024**3  # GiB, as nvidia-smi and torch report
 # (4E) for c_proj: 16E. Under bf16 autocast the residual stream stays fp32 (x and mid: 4 bytes)
 # and the other 14E are bf16 (2 bytes).
 _BLOCK_ACT_BYTES = {"fp32": 16 * 4, "bf16": 2 * 4 + 14 * 2}
-# Cross-entropy head over full logits, bytes per logit at its worst moment (start of backward):
-# fp32: log-softmax output, its incoming gradient and the logits' gradient (3 x 4); bf16
-# autocast adds the bf16 logits and the gradient cast back to bf16 (2 x 2 more).
-_HEAD_BYTES_PER_LOGIT = {"fp32": 12, "bf16": 16}
 # Rows per chunk in gpt2.model.chunked_lm_loss's default.
 CHUNK_ROWS = 256
 
@@ -111,7 +107,9 @@ def _head_bytes(config: GPTConfig, tokens: int, precision: str, chunked: bool) -
         # kept until backward (fp32 weight-gradient accumulator)
         rows = min(CHUNK_ROWS, tokens)
         return rows * V * (6 if precision != "fp32" else 4) + tokens * E * 4 + V * E * 4
-    return tokens * V * _HEAD_BYTES_PER_LOGIT["fp32" if precision == "fp32" else "bf16"]
+    # model.head_lm_loss: one fp32 [tokens, V] buffer holds the logits, then their gradient
+    # (+ its 16-bit cast for backward's matmuls under autocast); the weight gradient is fresh.
+    return tokens * V * (6 if precision != "fp32" else 4) + V * E * 4
 
 
 def estimate_memory(config: GPTConfig, batch_size: int, seq_len: int | None = None, *,

@@ -25,18 +25,6 @@ from .distributed import DistInfo
 from .state import set_rng_state
 
 
-def resolve_loss_chunk(loss_chunk: int | None, config: GPTConfig, device: torch.device) -> int:
-    """None (auto) -> 256-row chunks for a GPT-2-sized vocabulary on the CPU, else 0 (plain).
-
-    Measured on CPU (bench/RESULTS.md): +6-9% per 124M step and no [B, T, V] logits; with a
-    vocabulary of a few thousand ids the logits are small and chunking costs 4-9%. On CUDA it
-    stays off until measured there (fused cross-entropy under torch.compile is the peer).
-    """
-    if loss_chunk is not None:
-        return loss_chunk
-    return 256 if device.type == "cpu" and config.n_vocab >= 16384 else 0
-
-
 def choose_seed(seed: int | None, state: dict | None, dist: DistInfo) -> int:
     """A resumed run keeps its seed; else --seed, else a random one. The same on every rank:
     a fresh model must start identical everywhere (FSDP does not broadcast), and each rank's
