@@ -15,8 +15,8 @@ of the two wall times is what batching buys (the target: >= 3x on 2 CPU cores).
 **Concurrency**: for c in 1, 4, 16, 64, c clients each send requests back to back until
 max(c, 8) have finished: completion tokens per second of wall time, and per-request latency
 (p50, p99). **Soak**: N streaming clients for S seconds: every stream must end with
-``data: [DONE]``, and the server's RSS is sampled every 5 s (flat: the last sample within 5% of
-the first one after warm-up).
+``data: [DONE]``, and the server's RSS is sampled every 5 s (flat: after warm-up, the median of
+the second half of the samples within 5% of the first half's).
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak_clients", type=int, default=64)
     args = p.parse_args(argv)
     print(f"# {machine(torch.device('cpu'), torch.get_num_threads())}")
-    print(f"# command: python bench/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    given = argv if argv is not None else sys.argv[1:]
+    print(f"# command: python bench/serve.py {' '.join(given)}")
     print(f"# load before: {load_note()}")
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(make_model_dir(Path(tmp), args.shape), args.max_batch)
@@ -182,13 +183,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.soak:
                 r = soak(server, args.soak_clients, args.soak, args.tokens)
                 rss = r["rss"]
-                steady = rss[1:] or rss  # the first sample is before the first batch filled
-                growth = (steady[-1] - steady[0]) / steady[0]
+                # The first sample is before the first batch filled. A single sample depends on
+                # where in a batch's life it lands (the caches grow each step, spikes come and
+                # go), so growth is the second half's median against the first half's.
+                steady = rss[1:] or rss
+                half = max(1, len(steady) // 2)
+                first = median(steady[:half])
+                growth = (median(steady[half:] or steady) - first) / first
                 print(f"\nsoak: {args.soak_clients} streaming clients for {args.soak:.0f} s: "
                       f"{r['streams']} streams, {len(r['errors'])} errors "
                       f"{json.dumps(r['errors'][:3]) if r['errors'] else ''}; server RSS MB "
-                      f"every 5 s: {', '.join(f'{x:.0f}' for x in rss)} (after the first: "
-                      f"{growth:+.1%}, {'flat' if abs(growth) < 0.05 else 'NOT flat'})")
+                      f"every 5 s: {', '.join(f'{x:.0f}' for x in rss)} (median of the second "
+                      f"half against the first: {growth:+.1%}, "
+                      f"{'flat' if growth < 0.05 else 'NOT flat'})")
         finally:
             code = server.stop()
         print(f"\nthe server exited {code} on SIGTERM; load after: {load_note()}")

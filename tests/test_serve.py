@@ -363,3 +363,37 @@ def test_the_playground_streams_a_completion_in_headless_chromium(model_dir):
     finally:
         driver.quit()
         s.stop()
+
+
+FRAGMENT = """
+import os, torch
+from gpt2.runtime import return_large_frees
+def rss():
+    with open("/proc/self/status") as f:
+        return int(next(ln.split()[1] for ln in f if ln.startswith("VmRSS"))) // 1024
+set_ = return_large_frees() if os.environ.get("SET") else None
+torch.ones(16 << 18)  # 16 MB, freed at once: glibc's dynamic mmap threshold rises above 6 MB
+blocks = [torch.ones(6 << 18) for _ in range(10)]  # 60 MB, touched
+pin = torch.ones(1 << 10)  # a small block after them keeps the heap's top in use
+before = rss()
+del blocks
+print(set_, before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc")
+def test_the_server_gives_big_freed_blocks_back(tmp_path):
+    """gpt2 serve on the CPU calls return_large_frees: freed KV-cache-sized blocks leave RSS
+    (without it glibc keeps them in its heap once its threshold has risen: the soak grew)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+
+    def run(**extra) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FRAGMENT], env={**env, **extra},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    default, kept_freed = run()
+    assert default == "None" and kept_freed < 20  # MB given back: the blocks stayed in the heap
+    assert run(SET="1") == ("True", pytest.approx(60, abs=10))
+    assert run(SET="1", MALLOC_MMAP_THRESHOLD_="131072")[0] == "False"  # the user's wins

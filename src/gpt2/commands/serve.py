@@ -17,7 +17,7 @@ import sys
 from ..cli import ArgumentParser, HelpFormatter
 from ..errors import Terminated, UserError
 from ..io.paths import expand, find_model_dir
-from ..runtime import DTYPES, PRECISIONS
+from ..runtime import DTYPES, PRECISIONS, return_large_frees
 from .common import load_for_sampling
 
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = find_model_dir(args.model_dir)
     model, enc, device = load_for_sampling(model_dir, args.device)
     model = model.to(dtype=DTYPES[args.precision]).eval()
+    if device.type == "cpu":
+        return_large_frees()  # the KV caches change size at every join: keep RSS flat
     if enc.eot_token is None:
         raise UserError(f"{model_dir}: the tokenizer has no <|endoftext|> token")
     given = expand(args.model_dir)  # a run's name, not the model-N it points at now
