@@ -1,17 +1,19 @@
 """A training run on disk: checkpoints, keep-last-k, metrics.jsonl, TensorBoard, samples.
 
-    checkpoint/<run>/                 the newest checkpoint (a model directory itself):
-        hparams.json  encoder files  model.safetensors   weights, loadable by gpt2.load_model
-        optimizer.safetensors         optimizer state as named tensors (never pickled)
-        trainer_state.json            step, tokens, RNG states, sampler position, config
-        counter                       "<step>\\n": the number of completed updates
+    checkpoint/<run>/                 a model directory by way of ``counter``:
+        counter                       "<step>\\n": the newest complete checkpoint (the commit point)
+        model-<N>/                    the newest K checkpoints, each complete on its own:
+            hparams.json  encoder files  model.safetensors   weights (gpt2.load_model)
+            optimizer.safetensors     optimizer state as named tensors (never pickled)
+            trainer_state.json        step, tokens, RNG states, sampler position, config
         metrics.jsonl                 one JSON object per step
-        model-<N>/                    the newest K checkpoints, each complete on its own
+        lock                          who is training in this directory (RunLock)
     samples/<run>/samples-<N>         the training samples of step N
 
-Each ``model-<N>`` directory is written under a temporary name and renamed into place, so a
-crash or a second Ctrl-C never leaves a half-written checkpoint; the top-level files are then
-hard links to the newest one (no second copy of the weights on disk).
+Each ``model-<N>`` is written and fsynced under a temporary name, renamed into place, and only
+then named by ``counter``; every reader (``--restore_from latest``, ``gpt2.load_model``, the
+sample scripts, evaluate, export) follows ``counter``, so a kill at any moment leaves one
+consistent step to read.
 
     run = RunDir("checkpoint", "samples", "run1")
     run.save(step, model, optimizer_tensors, optimizer_meta, state, encoder_dir, keep=5)
