@@ -32,15 +32,17 @@ from ..runtime import parse_dtype
 from ..tokenizer.files import copy_encoder_files
 from .atomic import atomic_write, write_text
 from .hf import hf_config, hf_shapes, hf_tensors
-from .paths import HF_CONFIG, HPARAMS, WEIGHTS, detect_format, expand, find_model_dir
+from .paths import (HF_CONFIG, HPARAMS, WEIGHTS, detect_format, expand, find_model_dir,
+                    follow_run_dir)
 from .tensors import (check_shapes, config_from, load_safetensors, read_json, safetensors_shapes,
                       unwrap, weights_of)
 from .release import release_shapes, release_tensors
 
 
 def load_config(model_dir: str | os.PathLike) -> GPTConfig:
-    """The model's GPTConfig, from hparams.json (ours, release) or config.json (Hugging Face)."""
-    model_dir = Path(model_dir)
+    """The model's GPTConfig, from hparams.json (ours, release) or config.json (Hugging Face);
+    a training run's directory reads the checkpoint its ``counter`` names."""
+    model_dir = follow_run_dir(Path(model_dir))
     if (model_dir / HPARAMS).is_file():
         return config_from(model_dir / HPARAMS, read_json(model_dir / HPARAMS))
     if (model_dir / HF_CONFIG).is_file():

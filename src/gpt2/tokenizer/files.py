@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.atomic import copy_file
-from ..io.paths import resolve_model_dir
+from ..io.paths import follow_run_dir, resolve_model_dir
 from .bpe import Encoder, read_merges, read_vocab_json
 from .sentencepiece import SentencePieceEncoder
 
@@ -31,9 +31,14 @@ ENCODER_FILES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _directory(model_dir: str | os.PathLike) -> Path:
+    """``model_dir``, or the checkpoint a training run's ``counter`` names (as load_model)."""
+    return follow_run_dir(Path(model_dir))
+
+
 def encoder_format(model_dir: str | os.PathLike) -> str:
     """Which format of :data:`ENCODER_FILES` ``model_dir`` holds (checked in that order)."""
-    d = Path(model_dir)
+    d = _directory(model_dir)
     if not d.is_dir():
         raise UserError(f"{d}: no such directory")
     for fmt, names in ENCODER_FILES.items():
@@ -49,8 +54,9 @@ def encoder_format(model_dir: str | os.PathLike) -> str:
 
 def bpe_files(model_dir: str | os.PathLike) -> tuple[Path, Path] | None:
     """(vocabulary JSON, merges) of a byte-level BPE directory, whatever their names; else None."""
+    d = _directory(model_dir)
     for fmt in ("bpe", "huggingface"):
-        paths = [Path(model_dir) / n for n in ENCODER_FILES[fmt]]
+        paths = [d / n for n in ENCODER_FILES[fmt]]
         if all(p.is_file() for p in paths):
             return paths[0], paths[1]
     return None
@@ -58,7 +64,7 @@ def bpe_files(model_dir: str | os.PathLike) -> tuple[Path, Path] | None:
 
 def encoder_paths(model_dir: str | os.PathLike) -> list[Path]:
     """The encoder files of ``model_dir``, in a fixed order."""
-    return [Path(model_dir) / n for n in ENCODER_FILES[encoder_format(model_dir)]]
+    return [_directory(model_dir) / n for n in ENCODER_FILES[encoder_format(model_dir)]]
 
 
 def encoder_fingerprint(model_dir: str | os.PathLike) -> str:
@@ -94,7 +100,7 @@ def copy_encoder_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -
     """Copy ``src_dir``'s encoder into ``dst_dir`` under our names (encoder.json + vocab.bpe, or
     sp.model), each written atomically. When copying sp.model, BPE files already in ``dst_dir``
     are removed, since load_encoder would pick them first. Returns the written paths."""
-    src, dst = Path(src_dir), Path(dst_dir)
+    src, dst = _directory(src_dir), Path(dst_dir)
     fmt = encoder_format(src)
     dst_format = "sentencepiece" if fmt == "sentencepiece" else "bpe"
     dst.mkdir(parents=True, exist_ok=True)
