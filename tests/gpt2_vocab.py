@@ -48,7 +48,7 @@ def _tiktoken_ranks() -> dict[bytes, int]:
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
                  ":all:", WHISPER_SDIST, "-d", tmp],
-                check=True,
+                check=True, timeout=600,  # (output not captured: nothing else can hold it)
             )
             (sdist,) = Path(tmp).glob("openai_whisper-*.tar.gz")
             with tarfile.open(sdist) as tar:

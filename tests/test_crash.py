@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import bounded
 from gpt2.io.paths import follow_run_dir
 from test_train import args, make_model_dir, synthetic_text
 
@@ -63,9 +64,8 @@ def env(tmp: Path, **extra) -> dict:
 
 
 def train(tmp: Path, argv: list[str], timeout: float = 120, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", KILLER, *argv], cwd=tmp, env=env(tmp, **{
-        "KILL_STEP": "-1", "KILL_AT": "0", **extra}), capture_output=True, text=True,
-        timeout=timeout)
+    return bounded.run([sys.executable, "-c", KILLER, *argv], cwd=tmp, env=env(tmp, **{
+        "KILL_STEP": "-1", "KILL_AT": "0", **extra}), timeout=timeout)
 
 
 def temp_files(root: Path) -> list[str]:
@@ -99,8 +99,8 @@ def harness(tmp: Path, runs: list[dict], timeout: float = 600) -> list[dict]:
     """Every run forked from one process that imported torch once (tests/crash_harness.py)."""
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"cwd": str(tmp), "runs": runs}))
-    proc = subprocess.run([sys.executable, str(REPO / "tests/crash_harness.py"), str(spec)],
-                          env=env(tmp), capture_output=True, text=True, timeout=timeout)
+    proc = bounded.run([sys.executable, str(REPO / "tests/crash_harness.py"), str(spec)],
+                       env=env(tmp), timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
@@ -164,12 +164,12 @@ def small_disk(tmp_path):
     """A 1.5 MB tmpfs: room for the first checkpoint of a tiny run, not for three."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    proc = bounded.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
+                       timeout=30)
     if proc.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    bounded.run(["umount", "-l", str(mount)], timeout=30)
 
 
 def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(setup, small_disk):
@@ -217,26 +217,21 @@ def test_a_second_run_on_one_directory_is_refused_and_a_stale_lock_taken_over(se
     tmp, data, model_dir = setup
     argv = [sys.executable, "-m", "gpt2", "train",
             *run_args(data, model_dir, max_steps=100000, save_every=0)]
-    first = subprocess.Popen(argv, cwd=tmp, env=env(tmp), stdout=subprocess.PIPE, text=True)
-    try:
-        for line in first.stdout:
-            if line.startswith("Training..."):
-                break
+    with bounded.Proc(argv, cwd=tmp, env=env(tmp)) as first:
+        first.wait_for(lambda line: line.startswith("Training..."), timeout=120)
         t0 = time.time()
-        second = subprocess.run(argv, cwd=tmp, env=env(tmp), capture_output=True, text=True,
-                                timeout=60)
+        second = bounded.run(argv, cwd=tmp, env=env(tmp), timeout=60)
         assert second.returncode == 1 and time.time() - t0 < 15
         err = second.stderr.strip()
         assert re.fullmatch(rf"error: {re.escape(str(Path('checkpoint/run1')))} is in use by "
                             rf"process {first.pid} on \S+ \(started [\d-]+ [\d:]+\); .*", err), err
-    finally:
-        first.kill()  # SIGKILL: the lock file still names it
-        first.wait()
+        first.popen.kill()  # SIGKILL: the lock file still names it
+        first.popen.wait(timeout=30)
     lock = json.loads((tmp / "checkpoint/run1/lock").read_text())
     assert lock["pid"] == first.pid
-    third = subprocess.run([sys.executable, "-m", "gpt2", "train",
-                            *run_args(data, model_dir, max_steps=2)],
-                           cwd=tmp, env=env(tmp), capture_output=True, text=True, timeout=120)
+    third = bounded.run([sys.executable, "-m", "gpt2", "train",
+                         *run_args(data, model_dir, max_steps=2)], cwd=tmp, env=env(tmp),
+                        timeout=120)
     assert third.returncode == 0, third.stderr[-2000:]
     assert f"taking over the lock left by process {first.pid}" in third.stdout
     assert (tmp / "checkpoint/run1/lock").read_text() == ""  # released
@@ -249,16 +244,14 @@ def test_ctrl_c_in_a_long_validation_stops_within_a_batch_and_saves(setup):
     argv = [sys.executable, "-m", "gpt2", "train",
             *run_args(data, model_dir, max_steps=100, val_every=50, val_batch_count=100000,
                       save_every=0)]
-    proc = subprocess.Popen(argv, cwd=tmp, env=env(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("Calculating validation loss"):
-            break
-    time.sleep(0.5)
-    t0 = time.time()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
+    with bounded.Proc(argv, cwd=tmp, env=env(tmp)) as proc:
+        proc.wait_for(lambda line: line.startswith("Calculating validation loss"), timeout=120)
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.signal(signal.SIGINT)
+        done = proc.finish(timeout=60)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, err[-2000:]
     assert time.time() - t0 < 10  # not the ~100000 batches
     assert "Saving checkpoint/run1/model-0" in out
     assert (tmp / "checkpoint/run1/model-0/model.safetensors").is_file()
@@ -275,19 +268,17 @@ def test_sigterm_while_encoding_leaves_no_worker_and_no_temp_file(setup, command
                 str(tmp / "out.bin")]
     else:
         argv = ["train", *args(big, model_dir, max_steps=1)]
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2", *argv], cwd=tmp, env=env(tmp),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not _children(proc.pid):
-        time.sleep(0.05)
-    workers = _children(proc.pid)
-    assert workers, "the encode never started its workers"
+    with bounded.Proc([sys.executable, "-m", "gpt2", *argv], cwd=tmp, env=env(tmp)) as proc:
+        deadline = time.time() + 60
+        while time.time() < deadline and not _children(proc.pid):
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert workers, "the encode never started its workers"
+        time.sleep(0.5)
+        proc.signal(signal.SIGTERM)
+        assert proc.finish(timeout=60).returncode != 0
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    time.sleep(0.5)
-    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "workers outlived the parent"
+    assert not [p for p in workers if bounded.alive(p)], "workers outlived the parent"
     assert temp_files(tmp) == [] and not (tmp / "out.bin").exists()
     assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
 

@@ -13,7 +13,6 @@ import json
 import lzma
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from gpt2.data.tokens import encode_chunk_table, load_bin, load_token_files
 from gpt2.data.write import encode_corpus, encode_to_bin
 from gpt2.errors import UserError
 from test_dataset import EOT, enc, joined, ref  # noqa: F401  (fixtures)
+from bounded import run
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ["First document.\nIt has two lines.\n", "Second: Ünïcödé 漢字, numbers 12345  \n",
@@ -111,11 +111,9 @@ def test_missing_or_non_string_fields_name_the_file_and_row(tmp_path, enc):
 ])
 def test_corrupt_files_are_one_line_errors(tmp_path, name, make, gpt2_vocab_dir):
     (tmp_path / name).write_bytes(make())
-    proc = subprocess.run([sys.executable, "-m", "gpt2", "encode", "--model_dir",
-                           str(gpt2_vocab_dir), "--quiet", str(tmp_path / name),
-                           str(tmp_path / "out.bin")],
-                          capture_output=True, text=True, env={**os.environ,
-                                                               "PYTHONPATH": str(REPO / "src")})
+    proc = run([sys.executable, "-m", "gpt2", "encode", "--model_dir", str(gpt2_vocab_dir),
+                "--quiet", str(tmp_path / name), str(tmp_path / "out.bin")],
+               env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / name}: "), proc.stderr

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gpt2.io.model_dir import load_model
 from gpt2.model import GPT, GPTConfig, lm_loss
@@ -28,6 +27,7 @@ from gpt2.train.distributed import DistInfo
 from gpt2.train.parallelize import Parallel
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bounded import Proc, run, spawn  # noqa: E402
 # The training tests' fixtures too: every test in its own folder and cache, a tiny model, data.
 from test_train import _isolated, args, data, losses, metrics, model_dir  # noqa: E402,F401
 
@@ -50,13 +50,15 @@ def env() -> dict:
     return e
 
 
+def torchrun_cmd(argv: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(REPO / "train.py"), *argv]
+
+
 def torchrun(argv: list[str], cwd: Path, nproc: int = 2, timeout: float = 120
              ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(REPO / "train.py"), *argv]
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return run(torchrun_cmd(argv, nproc), cwd=cwd, env=env(), timeout=timeout)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -85,15 +87,18 @@ def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str, chunk: int
             # the loss inside DDP's forward, as the trainer computes it (chunked or not)
             (ddp(micro, targets=micro, loss_chunk=chunk) / 2).backward()
     torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    # The product's way out. A bare destroy_process_group() here, with `ddp` still alive,
+    # left its reducer to free the group later, from C++: that hung 4 runs in 12.
+    from gpt2.train import distributed
+
+    distributed.shutdown()
 
 
 @pytest.mark.parametrize("chunk", [0, 5])
 def test_ddp_gradient_equals_single_process_gradient(tmp_path, chunk):
     tokens = torch.randint(0, CFG.n_vocab, (8, CFG.n_ctx), generator=torch.Generator().manual_seed(3))
     out = str(tmp_path / "grads")
-    mp.start_processes(_ddp_worker, args=(free_port(), tokens, out, chunk), nprocs=2,
-                       start_method="spawn")
+    spawn(_ddp_worker, args=(free_port(), tokens, out, chunk), nprocs=2, timeout=90)
     model = GPT(CFG)
     model.load_state_dict(torch.load(out + ".init"))
     lm_loss(model(tokens), tokens).backward()
@@ -115,7 +120,7 @@ def _native_threads() -> list[str]:
     return names
 
 
-def _train_one_step(info: DistInfo, fsdp: bool) -> None:
+def _train_one_step(info: DistInfo, fsdp: bool) -> tuple:
     from gpt2.train.parallelize import parallelize
 
     torch.manual_seed(0)  # FSDP2 does not broadcast: the same init on every rank
@@ -129,6 +134,7 @@ def _train_one_step(info: DistInfo, fsdp: bool) -> None:
     optimizer.step()
     parallel.full_model()  # the checkpoint's gathers (FSDP: DTensor redistribution)
     parallel.optimizer_state(optimizer)
+    return parallel, optimizer
 
 
 def _leave_worker(rank: int, port: int, fsdp: bool, out: str) -> None:
@@ -137,20 +143,24 @@ def _leave_worker(rank: int, port: int, fsdp: bool, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     info = distributed.init("cpu", 1.0)
-    _train_one_step(info, fsdp)  # the model and optimizer are gone when it returns
+    # The wrapped model outlives the group, as a traceback or a caller's variable keeps it:
+    # shutdown() must still free the group (DDP's reducer held it, and freed it later from C++
+    # with the GIL held: the exit deadlock).
+    kept = _train_one_step(info, fsdp)
     distributed.shutdown()
     Path(f"{out}.{rank}").write_text(json.dumps(_native_threads()))
+    del kept
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names from Linux /proc")
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_shutdown_stops_gloo_threads(tmp_path, fsdp):
     """Nothing of the group may run on into interpreter exit: a Gloo group still alive there
-    (kept by torch's import-time default arguments or DTensor's caches) now and then aborts a
-    finished rank with 'terminate called without an active exception' (exit 134)."""
+    (kept by torch's import-time default arguments, DTensor's caches or a DDP reducer) now and
+    then aborts a finished rank with 'terminate called without an active exception' (exit 134),
+    or deadlocks it (the reducer's)."""
     out = str(tmp_path / "threads")
-    mp.start_processes(_leave_worker, args=(free_port(), fsdp, out), nprocs=2,
-                       start_method="spawn")
+    spawn(_leave_worker, args=(free_port(), fsdp, out), nprocs=2, timeout=90)
     for rank in (0, 1):
         threads = json.loads(Path(f"{out}.{rank}").read_text())
         assert not [t for t in threads if "gloo" in t or "tcpstore" in t], (rank, threads)
@@ -218,19 +228,11 @@ def test_fsdp_run_saves_a_whole_model_and_resumes(tmp_path, data, model_dir):
 
 
 def test_sigint_saves_once_and_workers_exit_0(tmp_path, data, model_dir):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(REPO / "train.py"), *args(data, model_dir, print_every=1)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("[3 |"):
-            break
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-    rest, _ = proc.communicate(timeout=60)
-    text = "".join(lines) + rest
+    with Proc(torchrun_cmd(args(data, model_dir, print_every=1)), cwd=tmp_path, env=env(),
+              merge=True) as proc:
+        proc.wait_for(lambda line: line.startswith("[3 |"), timeout=90)
+        proc.signal(signal.SIGINT, group=True)  # what Ctrl-C in the terminal does
+        text = proc.finish(timeout=60).stdout
     # The workers save and exit 0; torchrun itself got the SIGINT too and reports that with a
     # non-zero status of its own (SignalException), so its status is not what is checked here.
     assert "worker failed" not in text.lower() and "exitcode: 1" not in text, text[-3000:]
@@ -243,21 +245,16 @@ def test_sigint_saves_once_and_workers_exit_0(tmp_path, data, model_dir):
 def test_dead_rank_gives_one_line_error(tmp_path, data, model_dir):
     """Rank 1 is killed mid-run; rank 0 must exit 1 with a message, not hang."""
     port = free_port()
-    procs = []
-    for rank in (0, 1):
-        e = dict(env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *args(data, model_dir, "--dist_timeout",
-                                                           "0.5", print_every=1)],
-            cwd=tmp_path, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for line in procs[0].stdout:
-        if line.startswith("[2 |"):
-            break
-    procs[1].kill()
-    _, err = procs[0].communicate(timeout=90)
-    procs[1].wait()
-    assert procs[0].returncode == 1, err[-2000:]
+    cmd = [sys.executable, str(REPO / "train.py"), *args(data, model_dir, "--dist_timeout", "0.5",
+                                                        print_every=1)]
+    envs = [dict(env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for rank in (0, 1)]
+    with Proc(cmd, cwd=tmp_path, env=envs[0]) as zero, Proc(cmd, cwd=tmp_path, env=envs[1]) as one:
+        zero.wait_for(lambda line: line.startswith("[2 |"), timeout=90)
+        one.popen.kill()
+        done = zero.finish(timeout=90)
+    err = done.stderr
+    assert done.returncode == 1, err[-2000:]
     assert "error: rank 0: lost contact with other ranks" in err
     assert "Traceback" not in err
 
@@ -274,8 +271,7 @@ def test_mpirun_train_horovod(tmp_path, data, model_dir):
            "-x", "OMPI_ALLOW_RUN_AS_ROOT=1", "-x", "MASTER_ADDR", "-x", "MASTER_PORT",
            "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x", "GPT2_CACHE",
            sys.executable, str(REPO / "train-horovod.py"), *args(data, model_dir, max_steps=3)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
-    out = ok(proc)
+    out = ok(run(cmd, cwd=tmp_path, env=e, timeout=120))
     assert "2 processes (openmpi" in out
     run_dir = tmp_path / "checkpoint" / "run1"
     assert (run_dir / "counter").read_text() == "3\n"
@@ -300,7 +296,7 @@ def two_hosts():
                                                                 "lo", "up"]]
     try:
         for cmd in cmds:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = run(cmd, timeout=30)
             if proc.returncode:
                 pytest.skip(f"cannot make network namespaces here ({' '.join(cmd)}: "
                             f"{proc.stderr.strip()}): needs root and iproute2")
@@ -308,7 +304,7 @@ def two_hosts():
                for i, (ns, dev) in enumerate(zip(names, (f"va{tag}", f"vb{tag}")))]
     finally:
         for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            run(["ip", "netns", "del", ns], timeout=30)
 
 
 def test_two_hosts_train_and_a_loopback_hostname_is_one_line(tmp_path, data, model_dir,
@@ -317,7 +313,7 @@ def test_two_hosts_train_and_a_loopback_hostname_is_one_line(tmp_path, data, mod
 
     master = two_hosts[0][2]
 
-    def run(interface: bool) -> list[subprocess.CompletedProcess]:
+    def both(interface: bool) -> list[subprocess.CompletedProcess]:
         port = free_port()
         procs = []
         for rank, (ns, dev, _) in enumerate(two_hosts):
@@ -328,19 +324,21 @@ def test_two_hosts_train_and_a_loopback_hostname_is_one_line(tmp_path, data, mod
                    "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
                    "--master_addr", master, "--master_port", str(port),
                    str(REPO / "train.py"), *args(data, model_dir, max_steps=2, dist_timeout=0.5)]
-            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
-        done = [p.communicate(timeout=120) for p in procs]
-        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, done)]
+            procs.append(Proc(cmd, cwd=tmp_path, env=e))
+        try:
+            return [p.finish(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                p.__exit__()
 
     loopback = sock.gethostbyname(sock.gethostname()).startswith("127.")
     if loopback:  # this machine's hostname is loopback: without an interface, one line
         t0 = time.time()
-        for proc in run(interface=False):
+        for proc in both(interface=False):
             assert proc.returncode != 0
             lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
             assert len(lines) == 1 and "set GLOO_SOCKET_IFNAME" in lines[0], proc.stderr[-2000:]
         assert time.time() - t0 < 60
-    for proc in run(interface=True):  # with the interface named, the two hosts train together
+    for proc in both(interface=True):  # with the interface named, the two hosts train together
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoint/run1/model-2/model.safetensors").is_file()

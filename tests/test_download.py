@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ from gpt2.io import download
 from gpt2.commands.download import main
 from gpt2.io.download import HUGGINGFACE_FILES, RELEASE_FILES, download_model, file_urls
 from gpt2.errors import UserError
+from bounded import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,9 +264,8 @@ def test_exhausted_retries_name_the_file(server, tmp_path):
 
 def test_404_is_one_line_error_from_the_script(server, tmp_path):
     env = {**os.environ, "NO_PROXY": "127.0.0.1"}
-    r = subprocess.run([sys.executable, str(ROOT / "download_model.py"), "124M", "--models_dir",
-                        str(tmp_path), "--base_url", server.url], capture_output=True, text=True,
-                       env=env, cwd=tmp_path, timeout=60)
+    r = run([sys.executable, str(ROOT / "download_model.py"), "124M", "--models_dir",
+             str(tmp_path), "--base_url", server.url], env=env, cwd=tmp_path, timeout=60)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [

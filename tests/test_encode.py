@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from gpt2.commands import encode as E
 from gpt2.errors import UserError
 from test_dataset import EOT, joined, ref  # noqa: F401  (ref is a fixture)
+from bounded import run
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = {"one.txt": "First document.\nIt has two lines.\n",
@@ -48,8 +48,7 @@ def original_loader(path) -> list[np.ndarray]:
 
 def run_cli(*args, cwd=REPO, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return run([sys.executable, *args], cwd=cwd, env=env, timeout=120)
 
 
 def test_npz_original_layout(corpus, tmp_path, gpt2_vocab_dir, ref):  # noqa: F811

@@ -4,9 +4,10 @@ stage on tiny shapes, so the script cannot rot while no GPU is lent to the proje
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from bounded import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,9 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_cpu_run_covers_every_stage(tmp_path):
     results = tmp_path / "RESULTS.md"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu",
-                           "--quick", "--threads", "2", "--results", str(results)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    proc = run([sys.executable, str(REPO / "bench/gpu_check.py"), "--device", "cpu", "--quick",
+                "--threads", "2", "--results", str(results)], env=env, timeout=500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("\n## GPU check: ")

@@ -137,3 +137,36 @@ def test_renames_only_in_the_atomic_helpers():
     found = [f"{name}:{line}" for name, path in modules().items() if name not in allowed
              for line in _calls(path, "os.replace") + _calls(path, "os.rename")]
     assert not found, "os.replace outside gpt2.io.atomic: " + ", ".join(found)
+
+
+TESTS = Path(__file__).resolve().parent
+# What starts a process, or waits on a process or thread, and how it must be called in tests.
+_STARTS = {"Popen", "call", "check_call", "check_output", "start_processes", "Process"}
+_WAITS = {"join", "wait", "communicate"}
+
+
+def _unbounded(path: Path) -> list[str]:
+    found = []
+    for n in ast.walk(tree(path)):
+        if not isinstance(n, ast.Call) or not isinstance(n.func, ast.Attribute):
+            continue
+        attr, keywords = n.func.attr, {k.arg for k in n.keywords}
+        owner = n.func.value.id if isinstance(n.func.value, ast.Name) else ""
+        if attr in _STARTS and owner in ("subprocess", "mp", "multiprocessing"):
+            found.append(f"{path.name}:{n.lineno}: {owner}.{attr} (use bounded.Proc/spawn)")
+        elif attr == "run" and owner == "subprocess" and (
+                "timeout" not in keywords or keywords & {"capture_output", "stdout", "stderr"}):
+            # a grandchild holding a captured pipe outlives subprocess.run's timeout
+            found.append(f"{path.name}:{n.lineno}: subprocess.run (use bounded.run)")
+        elif attr in _WAITS and not n.args and "timeout" not in keywords:
+            found.append(f"{path.name}:{n.lineno}: .{attr}() without a timeout")
+    return found
+
+
+def test_tests_never_wait_without_a_deadline():
+    """Every test that starts processes or threads waits through tests/bounded.py (or with a
+    timeout of its own): a stuck worker fails its test with its stack printed, and the suite
+    still ends; nothing relies on pytest-timeout."""
+    found = [line for path in sorted(TESTS.glob("*.py")) if path.name != "bounded.py"
+             for line in _unbounded(path)]
+    assert not found, "\n".join(found)

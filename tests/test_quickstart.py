@@ -5,10 +5,10 @@ the tokenizer, the sample scripts) resolves to the checkpoint its ``counter`` na
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import bounded
 from gpt2.io.model_dir import load_config
 from gpt2.io.paths import follow_run_dir
 from gpt2.tokenizer.files import (bpe_files, copy_encoder_files, encoder_fingerprint,
@@ -20,9 +20,8 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
 def test_quickstart_end_to_end_and_its_next_step(tmp_path):
     out = tmp_path / "qs"
-    r = subprocess.run([sys.executable, "-m", "gpt2", "quickstart", "--out", str(out),
-                        "--max_steps", "2", "--batch_size", "2"], env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    r = bounded.run([sys.executable, "-m", "gpt2", "quickstart", "--out", str(out),
+                     "--max_steps", "2", "--batch_size", "2"], env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "SAMPLE" in r.stdout and "Next steps" in r.stdout
     run = out / "checkpoint" / "quickstart"
@@ -36,8 +35,7 @@ def test_quickstart_end_to_end_and_its_next_step(tmp_path):
     copied = copy_encoder_files(run, tmp_path / "copy")
     assert encoder_fingerprint(tmp_path / "copy") == encoder_fingerprint(ckpt) and copied
     # The next step the quickstart prints, on the run directory.
-    r = subprocess.run([sys.executable, str(REPO / "src" / "generate_unconditional_samples.py"),
-                        "--model_dir", str(run), "--top_k", "40", "--nsamples", "1",
-                        "--length", "8", "--seed", "1"], env=ENV, capture_output=True,
-                       text=True, timeout=120)
+    r = bounded.run([sys.executable, str(REPO / "src" / "generate_unconditional_samples.py"),
+                     "--model_dir", str(run), "--top_k", "40", "--nsamples", "1", "--length", "8",
+                     "--seed", "1"], env=ENV, timeout=120)
     assert r.returncode == 0 and "SAMPLE 1" in r.stdout, r.stderr[-2000:]

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn as nn
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import Decoder, next_token, sample_sequence, top_k_logits, top_p_logits
 from gpt2.commands.sample import interactive_main, unconditional_main
+from bounded import run
 
 REPO = Path(__file__).resolve().parents[1]
 BANNER = "=" * 40 + " SAMPLE {} " + "=" * 40
@@ -307,8 +307,8 @@ def reference_greedy(model_dir: Path, context: list[int], length: int) -> list[i
 def _run(script: str, *args: str, stdin: str = "", cwd: Path | None = None, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("PYTHONPATH", None)
-    return subprocess.run([sys.executable, str(REPO / "src" / script), *args], input=stdin,
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return run([sys.executable, str(REPO / "src" / script), *args], input=stdin, cwd=cwd,
+               env=env, timeout=120)
 
 
 def _banners(stdout: str) -> list[int]:
@@ -347,9 +347,8 @@ def test_interactive_script_end_to_end(model_dir, tmp_path):
 
 def test_python_m_gpt2_interact_and_errors(model_dir):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "gpt2", "interact", "--model_dir", str(model_dir),
-                        "--nsamples", "3", "--batch_size", "2"], capture_output=True, text=True,
-                       env=env, timeout=120)
+    r = run([sys.executable, "-m", "gpt2", "interact", "--model_dir", str(model_dir),
+             "--nsamples", "3", "--batch_size", "2"], env=env, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip() == "error: --nsamples 3 must be a multiple of --batch_size 2"
 

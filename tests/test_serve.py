@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+import bounded
 from test_train import args, make_model_dir, synthetic_text
 
 openai = pytest.importorskip("openai")
@@ -54,10 +54,10 @@ class Server:
     def __init__(self, model_dir: Path, *flags: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
+        self.process = bounded.Proc(
             [sys.executable, "-m", "gpt2", "serve", str(model_dir), "--port", str(self.port),
-             *flags], env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             *flags], env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})})
+        self.proc = self.process.popen
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -66,8 +66,8 @@ class Server:
             except httpx.HTTPError:
                 time.sleep(0.1)
             if self.proc.poll() is not None:
-                raise AssertionError(self.proc.stderr.read())
-        raise AssertionError("the server did not come up")
+                raise AssertionError(self.process.finish(timeout=10).stderr)
+        self.process.stuck("the server did not come up in 60 s")
 
     def client(self, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
@@ -76,9 +76,10 @@ class Server:
         return httpx.post(self.url + "/v1/completions", json=body, timeout=60, **kw)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
+        with self.process:
+            if self.proc.poll() is None:
+                self.process.signal(signal.SIGTERM)
+                self.process.finish(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +116,11 @@ def test_plain_streamed_lists_and_stop(server, model_dir):
 def test_greedy_equals_gpt2_generate(server, model_dir):
     from gpt2.commands.generate import main as generate_main
 
-    out = subprocess.run([sys.executable, "-m", "gpt2", "generate", str(model_dir), "--prompt",
-                          "he was", "--length", "20", "--temperature", "0"],
-                         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-                         capture_output=True, text=True, check=True).stdout
+    done = bounded.run([sys.executable, "-m", "gpt2", "generate", str(model_dir), "--prompt",
+                        "he was", "--length", "20", "--temperature", "0"],
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     expected = out.split("\n" + "=" * 20)[0].split("<|endoftext|>")[0]
     r = server.client().completions.create(model="m", prompt="he was", max_tokens=20,
                                            temperature=0)
@@ -155,12 +157,11 @@ def test_a_seed_reproduces_a_request_whatever_else_runs(server):
     def busy(i):
         results[i] = client.completions.create(model="m", prompt="x" * (i + 1), max_tokens=30)
 
-    threads = [threading.Thread(target=busy, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=busy, args=(i,), daemon=True) for i in range(6)]
     for t in threads:
         t.start()
     crowded = client.completions.create(**body).choices[0].text
-    for t in threads:
-        t.join()
+    bounded.join(threads, timeout=120)
     assert crowded == alone and len(results) == 6
 
 
@@ -232,15 +233,14 @@ def test_many_streaming_clients_at_once(server, seconds):
                 errors.append(repr(e))
 
     before = rss()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(64)]
     for t in threads:
         t.start()
     samples = []
-    while any(t.is_alive() for t in threads):
+    while any(t.is_alive() for t in threads) and time.time() < stop_at + 120:
         samples.append(rss())
         time.sleep(1)
-    for t in threads:
-        t.join()
+    bounded.join(threads, timeout=10)
     assert not errors and len(done) >= 64
     assert rss() - before < 150_000  # kB
     if seconds >= 60:  # after the first quarter, at most 20 MB more: no leak per request
@@ -268,7 +268,7 @@ def test_a_flood_gets_429_and_sigterm_drains_then_exits_0(model_dir):
         r = s.post({"prompt": f"{i}", "max_tokens": 60, "temperature": 0})
         results.append(r.status_code)
 
-    threads = [threading.Thread(target=long, args=(i,)) for i in range(12)]
+    threads = [threading.Thread(target=long, args=(i,), daemon=True) for i in range(12)]
     for t in threads:
         t.start()
     time.sleep(1.0)
@@ -276,9 +276,9 @@ def test_a_flood_gets_429_and_sigterm_drains_then_exits_0(model_dir):
                       json={"prompt": "z", "max_tokens": 40, "stream": True}) as r:
         s.proc.send_signal(signal.SIGTERM)  # mid-request: it must still finish
         lines = [ln for ln in r.iter_lines() if ln]
-    for t in threads:
-        t.join()
-    assert s.proc.wait(timeout=90) == 0
+    bounded.join(threads, timeout=120)
+    with s.process:
+        assert s.process.finish(timeout=90).returncode == 0
     assert 429 in results and 200 in results
     assert r.status_code in (200, 429) and (r.status_code == 429 or lines[-1] == "data: [DONE]")
 
@@ -397,8 +397,9 @@ def test_the_server_gives_big_freed_blocks_back():
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
 
     def run(**extra) -> tuple[str, int, int]:
-        out = subprocess.run([sys.executable, "-c", FRAGMENT], env={**env, **extra},
-                             capture_output=True, text=True, check=True).stdout.split()
+        done = bounded.run([sys.executable, "-c", FRAGMENT], env={**env, **extra}, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out = done.stdout.split()
         return out[0], int(out[1]), int(out[2])
 
     default, mapped, _ = run()

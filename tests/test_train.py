@@ -16,15 +16,14 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import bounded
 from gpt2.train import memory, optim, parallelize
 from gpt2.cli import run
 from gpt2.errors import UserError
@@ -216,17 +215,12 @@ def test_signal_saves_completed_steps_and_resumes(tmp_path, data, model_dir, sig
     cmd = [sys.executable, "-m", "gpt2", "train",
            *args(data, model_dir, max_steps=100000, print_every=1, **flags)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    metrics_file = tmp_path / "checkpoint/sig/metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    with bounded.Proc(cmd, env=env) as proc:
+        proc.wait_for(lambda line: line.startswith("[3 |"), timeout=120)
+        proc.signal(sig)
+        done_proc = proc.finish(timeout=120)
+    out, err = done_proc.stdout, done_proc.stderr
+    assert done_proc.returncode == 0, err
     assert "Traceback" not in err
     done = metrics(tmp_path / "checkpoint/sig")[-1]["step"]
     assert done >= 3
@@ -423,9 +417,8 @@ def test_truncated_checkpoint_fails_cleanly(tmp_path, data, model_dir, capsys):
 
 def test_cli_error_has_no_traceback(tmp_path, model_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--dataset", "missing.txt",
-                           "--model_dir", str(model_dir)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = bounded.run([sys.executable, str(REPO / "train.py"), "--dataset", "missing.txt",
+                        "--model_dir", str(model_dir)], env=env, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 

@@ -150,6 +150,7 @@ def _check_gloo_address(environ, rank: int, world_size: int) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group: all ranks together, with nothing left that holds the group."""
     if dist.is_available() and dist.is_initialized():
         # Leave together: a Gloo rank that tears its sockets down while a peer is still between
         # its last collective and its own teardown can abort that peer ("terminate called").
@@ -157,39 +158,66 @@ def shutdown() -> None:
             dist.barrier()
         except Exception:  # a peer already gone: nothing left to wait for
             pass
-        _drop_dtensor_caches()
+        release_group_holders()
         dist.destroy_process_group()
 
 
-def _drop_dtensor_caches() -> None:
-    """Forget what FSDP2's DTensors cached, so that destroy_process_group() frees the group.
+# The attributes through which torch's wrappers hold a process group, by class (torch's own
+# pickling of each drops the same ones): DDP's C++ reducer (and the logger holding it) and its
+# group; a DeviceMesh's groups (DTensor, FSDP2); FSDP2's per-module mesh information.
+_GROUP_HOLDERS = {
+    "DistributedDataParallel": ("logger", "reducer", "process_group"),
+    "DeviceMesh": ("_pg_registry",),
+    "DataParallelMeshInfo": ("shard_process_group", "replicate_process_group",
+                             "reduce_scatter_process_group"),
+}
 
-    DTensor caches sharding decisions, redistribution plans and mesh topologies process-wide
-    (torch's C++ fast path, Python lru_caches, the planner cache); they hold DeviceMeshes, and
-    a mesh holds its process group. Left there, the group (its Gloo threads, sockets and, on
-    rank 0, the TCPStore server) outlives destroy_process_group() and is still running while
-    the interpreter exits, which now and then aborts a finished rank ("terminate called
-    without an active exception", exit 134).
+
+def release_group_holders() -> None:
+    """Make every wrapper let go of the process group, so that destroy_process_group() frees
+    the group here and now, from Python, whoever still holds the wrappers.
+
+    From Python the group's destructor releases the GIL before it joins Gloo's worker threads.
+    Freed from C++ instead, by a DDP reducer that outlived the group, it joins them with the GIL
+    held, while a worker dropping a finished all-reduce needs the GIL to release what that work
+    captured (its ``ThreadLocalState``): a deadlock, 4 runs in 12 of the DDP gradient test
+    (main thread: ``~Reducer -> ~ProcessGroupGloo -> thread::join``; worker:
+    ``~AsyncAllreduceWork -> ~ThreadLocalState -> gil_scoped_acquire``). Freed during the
+    interpreter's teardown (a mesh or DTensor cache that outlived the group), it now and then
+    aborts a finished rank ("terminate called without an active exception", exit 134).
+
+    A wrapper outlives the group when a traceback, a caller's variable or a reference cycle
+    keeps it; after this it cannot communicate. Also cleared: DTensor's process-wide caches
+    (sharding decisions, redistribution plans, mesh topologies in torch's C++ fast path, Python
+    lru_caches and the planner cache), which hold DeviceMeshes.
     """
-    if "torch.distributed.tensor" not in sys.modules:  # no FSDP2 in this run: nothing cached
-        return
     import functools
     import gc
 
-    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-    if clear_fast_path is not None:
-        clear_fast_path()
-    try:
-        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
-    except ImportError:  # another torch: the scan below still clears its lru_caches
-        pass
-    else:
-        clear_redistribute_planner_cache()
+    gc.collect()  # a wrapper in a reference cycle: freed now, while the group is registered
+    dtensor = "torch.distributed.tensor" in sys.modules  # else no FSDP2 ran: nothing cached
+    if dtensor:
+        clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+        if clear_fast_path is not None:
+            clear_fast_path()
+        try:
+            from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+        except ImportError:  # another torch: the scan below still clears its lru_caches
+            pass
+        else:
+            clear_redistribute_planner_cache()
     lru_type = type(functools.lru_cache(None)(lambda: None))
     for obj in gc.get_objects():
-        if type(obj) is lru_type and \
-                str(getattr(obj, "__module__", "")).startswith("torch.distributed.tensor"):
-            obj.cache_clear()
+        if dtensor and type(obj) is lru_type:
+            if str(getattr(obj, "__module__", "")).startswith("torch.distributed.tensor"):
+                obj.cache_clear()
+            continue
+        # (the class's own name, not isinstance: DDP is an ABC, whose hooks warn on odd objects)
+        for cls in type(obj).__mro__:
+            names = _GROUP_HOLDERS.get(cls.__name__)
+            if names and cls.__module__.startswith("torch.") and hasattr(obj, "__dict__"):
+                for name in names:
+                    obj.__dict__.pop(name, None)
     gc.collect()  # what the caches held is in reference cycles (specs, meshes, schemas)
 
 
