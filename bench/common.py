@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from gpt2 import runtime  # noqa: E402
 from gpt2.model import GPT, GPTConfig  # noqa: E402
 
 # The released shapes, plus a small one that trains in milliseconds on a laptop CPU.
@@ -37,20 +38,28 @@ SHAPES = {
     "1558M": GPTConfig(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48),
 }
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s.
+# Dense (no sparsity) bf16 peaks per chip from the vendors' data sheets, in FLOP/s, by a part
+# of the name the device reports.
 GPU_PEAK_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
-                 "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+                 "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
+                 "v6e": 918e12, "v5p": 459e12, "v5e": 197e12, "v5 lite": 197e12, "v4": 275e12}
 
 
 def setup(device: str, threads: int = 2) -> torch.device:
-    """Pin the thread count (figures are per machine, not per scheduler mood) and pick a device."""
+    """Pin the thread count (figures are per machine, not per scheduler mood) and pick a device
+    (gpt2.runtime's rule: ``auto`` is the accelerator if there is one)."""
     torch.set_num_threads(threads)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return torch.device(device)
+    dev = runtime.pick_device(device)
+    torch.set_float32_matmul_precision("high")  # TF32 where the device has it
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cpu":
+        return cpu_model()
+    module = torch.get_device_module(device.type)
+    name = getattr(module, "get_device_name", None)
+    return f"{name(device) if name else device.type} ({device.type})"
 
 
 def hf_twin(model: GPT):
@@ -85,8 +94,7 @@ def hf_twin(model: GPT):
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    runtime.synchronize(device)
 
 
 def timed(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> list[float]:
@@ -175,10 +183,10 @@ def cpu_peak_flops(threads: int) -> tuple[float, str]:
 
 def peak_flops(device: torch.device, threads: int) -> tuple[float, str]:
     """Peak FLOP/s to divide by for MFU, and where the number comes from."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        name = device_name(device)
         for key, value in GPU_PEAK_BF16.items():
-            if key in name:
+            if key.lower() in name.lower():
                 return value, f"{name}: data-sheet dense bf16 peak {value / 1e12:.0f} TFLOP/s"
         return float("nan"), f"{name}: peak unknown, add it to GPU_PEAK_BF16"
     return cpu_peak_flops(threads)
@@ -187,7 +195,7 @@ def peak_flops(device: torch.device, threads: int) -> tuple[float, str]:
 def machine(device: torch.device, threads: int) -> str:
     import transformers
 
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+    where = (device_name(device) if device.type != "cpu"
              else f"{cpu_model()}, {threads} threads of {os.cpu_count()} cores")
     return (f"{datetime.date.today().isoformat()} | {where} | torch {torch.__version__} | "
             f"transformers {transformers.__version__} | python {platform.python_version()}")

@@ -1,17 +1,24 @@
-"""The one-shot GPU measurement: run it once on the first GPU at hand, and keep every figure.
+"""The one-shot accelerator check: run it once on the first GPU or TPU at hand, keep every figure.
 
     python bench/gpu_check.py --device cuda                         # <= 9 minutes on an H100/H200
+    python bench/gpu_check.py --device tpu                          # TorchTPU on a TPU VM
+    python bench/gpu_check.py --device xpu                          # an Intel GPU
+    python bench/gpu_check.py --device mps                          # an Apple GPU
     python bench/gpu_check.py --device cuda --nanogpt ~/nanoGPT     # + nanoGPT's step, same shape
     python bench/gpu_check.py --device cpu --quick                  # every stage on tiny shapes
 
-Stages (each guarded by the time budget; a stage that fails is reported and the next one runs):
+Every stage runs on every device through gpt2.runtime (torch.accelerator, the device's compile
+backend and precisions); where a device cannot run one, the report says why instead. Stages
+(each guarded by the time budget; a stage that fails is reported and the next one runs):
 
 1. **train**: tokens/s, MFU (against the data sheet's dense bf16 peak, printed) and peak memory
-   of a 124M training step at 1024 tokens in bf16 autocast, with and without ``torch.compile``
-   (what train.py runs: the loss inside the forward, fused AdamW), and nanoGPT's model.py on
-   the same shape when ``--nanogpt DIR`` points at a checkout (never part of this project).
+   of a 124M training step at 1024 tokens in bf16 autocast (fp16 where the device lacks
+   bfloat16), with and without ``torch.compile`` (the device's backend: TorchTPU's on a TPU),
+   what train.py runs (the loss inside the forward, fused AdamW where the device has it), and
+   nanoGPT's model.py on the same shape when ``--nanogpt DIR`` points at a checkout (never
+   part of this project).
 2. **fp16**: train.py itself, ``--precision fp16`` (autocast + gradient scaler), 20 steps:
-   every loss finite, how many steps the scaler skipped.
+   every loss finite, how many steps the scaler skipped. Not on a TPU (no fp16 there).
 3. **sample**: new tokens/s of ``sample_sequence`` against transformers' ``generate`` at batch
    1 and 16 (top-k 40, same weights).
 4. **memory**: peak memory of a 3-step fine-tune (train.py in a fresh process, batch 1 x 1024)
@@ -41,6 +48,8 @@ import torch
 
 from common import SHAPES, hf_twin, machine, peak_flops, setup
 
+from gpt2 import runtime
+from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import sample_sequence
 
@@ -69,21 +78,27 @@ class Report:
 
 
 def peak_memory(device: torch.device) -> float:
-    """GiB: the CUDA allocator's peak since the last reset, or this process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+    """GiB: the device allocator's peak since the last reset, or this process's peak RSS."""
+    peak = runtime.max_memory_allocated(device)
+    if peak is not None:
+        return peak / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    runtime.reset_peak_memory(device)
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    runtime.synchronize(device)
+
+
+def mixed_precision(device: torch.device) -> str:
+    """bf16 where the device has it, else fp16 (the training stage's autocast)."""
+    try:
+        return runtime.resolve_precision("bf16", device)
+    except UserError:
+        return "fp16"
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -96,8 +111,9 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
 
 def _ours(config: GPTConfig, device, compile: bool):
     model = GPT(config).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    fwd = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                            fused=runtime.backend_of(device).fused_optimizer or None)
+    fwd = runtime.compile_module(model, device) if compile else model
     return lambda x, y: fwd(x, targets=x), opt
 
 
@@ -113,7 +129,7 @@ def _nanogpt(config: GPTConfig, device, compile: bool, root: Path):
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
         model = nano.GPT(cfg).to(device).train()
         opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
-    fwd = torch.compile(model) if compile else model
+    fwd = runtime.compile_module(model, device) if compile else model
     # nanoGPT takes the targets already shifted; ours shifts inside the loss.
     return lambda x, y: fwd(x, y)[1], opt
 
@@ -121,8 +137,8 @@ def _nanogpt(config: GPTConfig, device, compile: bool, root: Path):
 def time_train(make, config: GPTConfig, device, batch: int, steps: int, amp) -> dict:
     reset_peak(device)
     loss_fn, opt = make()
-    x = torch.randint(0, config.n_vocab, (batch, config.n_ctx), device=device,
-                      generator=torch.Generator(device).manual_seed(0))
+    x = torch.randint(0, config.n_vocab, (batch, config.n_ctx),
+                      generator=torch.Generator().manual_seed(0)).to(device)
     y = torch.roll(x, -1, dims=1)
 
     def step() -> float:
@@ -150,11 +166,14 @@ def time_train(make, config: GPTConfig, device, batch: int, steps: int, amp) -> 
 def stage_train(args, device, report: Report) -> None:
     config = TINY if args.quick else SHAPES["124M"]
     batch, steps = (2, 3) if args.quick else (12, 20)
-    amp = torch.bfloat16
+    precision = mixed_precision(device)
+    amp = runtime.DTYPES[precision]
     peak, how = peak_flops(device, args.threads)
     fpt = flops_per_token(config, config.n_ctx)
+    fused = "fused" if runtime.backend_of(device).fused_optimizer else "unfused"
     report.add(f"Training step, {'tiny' if args.quick else '124M'} shape, batch {batch} x "
-               f"{config.n_ctx}, bf16 autocast, fused AdamW, {steps} timed steps. MFU peak: "
+               f"{config.n_ctx}, {precision} autocast, {fused} AdamW, {steps} timed steps, "
+               f"compile backend {runtime.backend_of(device).compile_backend!r}. MFU peak: "
                f"{how}.", "",
                "| model | compile | tokens/s | step ms | MFU | peak GiB | warm-up s |",
                "|---|---|---|---|---|---|---|")
@@ -192,6 +211,12 @@ def write_run_inputs(root: Path, hparams: dict) -> tuple[Path, Path]:
 
 def stage_fp16(args, device, report: Report) -> None:
     from gpt2.train import TrainConfig, train
+
+    if "fp16" not in runtime.backend_of(device).precisions:
+        report.add(f"fp16 + GradScaler: not run on {device.type}: "
+                   f"{runtime.backend_of(device).what} has no fp16 autocast (its mixed "
+                   "precision is bf16, measured in the train stage).", "")
+        return
 
     shape = dict(n_ctx=64, n_embd=64, n_head=4, n_layer=2) if args.quick else \
         dict(n_ctx=256, n_embd=768, n_head=12, n_layer=12)
@@ -234,8 +259,8 @@ def stage_sample(args, device, report: Report) -> None:
                f"{new} new tokens, top-k 40 (best of 3).", "",
                "| batch | ours tokens/s | transformers tokens/s | ratio |", "|---|---|---|---|")
     for batch in (1, 16):
-        context = torch.randint(0, config.n_vocab, (batch, prompt), device=device,
-                                generator=torch.Generator(device).manual_seed(batch))
+        context = torch.randint(0, config.n_vocab, (batch, prompt),
+                                generator=torch.Generator().manual_seed(batch)).to(device)
         mask = torch.ones_like(context)
 
         def run_ours():
@@ -267,13 +292,14 @@ def stage_sample(args, device, report: Report) -> None:
 _CHILD = """
 import json, sys, torch
 sys.argv = ["train.py"] + json.loads(sys.argv[1])
+from gpt2 import runtime
 from gpt2.commands.train import main
 code = main(sys.argv[1:])
-dev = torch.device(sys.argv[sys.argv.index("--device") + 1])
-peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+dev = runtime.pick_device(sys.argv[sys.argv.index("--device") + 1])
+peak = runtime.max_memory_allocated(dev) or 0
 import resource
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print("GPU_CHECK_PEAK", json.dumps({"code": code, "cuda": peak, "rss": rss}))
+print("GPU_CHECK_PEAK", json.dumps({"code": code, "device": peak, "rss": rss}))
 """
 
 
@@ -317,12 +343,25 @@ def stage_memory(args, device, report: Report, deadline: float) -> None:
                 if "error" in r:
                     report.add(f"| {name} | {label} | failed: {r['error']} | {est or '?'} | |")
                     continue
-                got = (r["cuda"] or r["rss"]) / 2**30
+                got = (r["device"] or r["rss"]) / 2**30
                 ratio = f"{est / got:.2f}" if est and got else "n/a"
                 shown = f"{est:.2f}" if est is not None else "?"
-                report.add(f"| {name} | {label} | {got:.2f}{'' if r['cuda'] else ' (RSS)'} | "
+                report.add(f"| {name} | {label} | {got:.2f}{'' if r['device'] else ' (RSS)'} | "
                            f"{shown} | {ratio} |")
     report.add("")
+
+
+def versions(device: torch.device) -> str:
+    """The device's software stack, as torch reports it (CUDA, ROCm, XPU, TorchTPU)."""
+    parts = [f"{k.upper()} {v}" for k, v in (("cuda", torch.version.cuda),
+                                             ("hip", torch.version.hip),
+                                             ("xpu", getattr(torch.version, "xpu", None)))
+             if v and device.type != "cpu"]
+    if device.type == "tpu":
+        import importlib.metadata
+
+        parts.append(f"torch_tpu {importlib.metadata.version('torch_tpu')}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -334,7 +373,7 @@ STAGES = {"train": stage_train, "fp16": stage_fp16, "sample": stage_sample,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--device", default="cuda", choices=list(runtime.BACKENDS))
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script works")
     p.add_argument("--nanogpt", metavar="DIR", help="a nanoGPT checkout to compare against")
     p.add_argument("--results", default=str(HERE / "RESULTS.md"),
@@ -343,17 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: no CUDA device here (use --device cpu --quick to try the "
-              "script)", file=sys.stderr)
+    try:
+        device = setup(args.device, args.threads)
+    except UserError as e:  # an absent device: what to install, in one line
+        print(f"error: {e} (--device cpu --quick tries the script)", file=sys.stderr)
         return 1
     start = time.time()
     deadline = start + args.budget
-    device = setup(args.device, args.threads)
     report = Report()
     report.add(f"## GPU check: {machine(device, args.threads)}", "",
                f"`python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-               f"{' (CUDA ' + torch.version.cuda + ')' if device.type == 'cuda' else ''}", "")
+               f"{versions(device)}", "")
     failed = []
     for name in args.stages.split(","):
         if time.time() > deadline - 20:

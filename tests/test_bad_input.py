@@ -101,7 +101,7 @@ def test_hostile_model_directories_are_one_line_in_every_command(tmp_path, comma
     (["sample", "--model_dir", "{m}", "--temperature", "nan"], "--temperature must be a number"),
     (["interact", "--model_dir", "{m}", "--temperature", "inf"], "--temperature must be a number"),
     (["generate", "{m}", "--device", "mps"], "--device mps"),
-    (["sample", "--model_dir", "{m}", "--device", "tpu"], "--device 'tpu' is not a torch device"),
+    (["sample", "--model_dir", "{m}", "--device", "tpu"], "pip install 'gpt2[tpu]'"),
     (["train", "--dataset", "x.txt", "--config", "{null}"], "batch_size: needs a value"),
     (["train", "--dataset", "x.txt", "--batch_size", "two"], "argument --batch_size"),
     (["generate", "{m}", "--nosuchflag"], "unrecognized arguments: --nosuchflag"),

@@ -170,3 +170,23 @@ def test_tests_never_wait_without_a_deadline():
     found = [line for path in sorted(TESTS.glob("*.py")) if path.name != "bounded.py"
              for line in _unbounded(path)]
     assert not found, "\n".join(found)
+
+
+DEVICE_WORDS = {"cuda", "xpu", "mps", "tpu", "nccl", "xccl"}  # (gloo: its own network check)
+DEVICE_MODULES = {"cuda", "xpu", "mps", "tpu"}
+
+
+def test_every_device_choice_is_in_runtime():
+    """Device names (as values) and torch's per-device modules appear in gpt2.runtime only:
+    elsewhere the code asks runtime (its Backend table, torch.accelerator)."""
+    found = []
+    for name, path in modules().items():
+        if name == "gpt2.runtime":
+            continue
+        for n in ast.walk(tree(path)):
+            if isinstance(n, ast.Constant) and n.value in DEVICE_WORDS:
+                found.append(f"{name}:{n.lineno}: {n.value!r}")
+            elif isinstance(n, ast.Attribute) and n.attr in DEVICE_MODULES and \
+                    isinstance(n.value, ast.Name) and n.value.id == "torch":
+                found.append(f"{name}:{n.lineno}: torch.{n.attr}")
+    assert not found, "\n".join(found)

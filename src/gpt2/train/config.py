@@ -153,16 +153,17 @@ class TrainConfig:
                             check=nonneg_number, metavar="NORM")
     precision: str = flag(AUTO, "auto: bf16 on a GPU that supports it, else fp32. fp16 uses a "
                           "gradient scaler.", choices=(AUTO,) + PRECISIONS)
-    compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off for "
-                                "CPU).", shown="on for CUDA")
+    compile: bool | None = flag(None, "torch.compile the model with the device's backend "
+                                "(default: on for CUDA, XPU and TPU; off for the CPU and MPS).",
+                                shown="on for GPUs, TPUs")
     memory_saving_blocks: str = flag(
         "all", "Blocks to checkpoint with --memory_saving_gradients: all, every:N, or a list "
         "like 0,3,5.", metavar="WHICH")
     seed: int | None = flag(None, "Seed for initialisation, data order, noise and dropout "
                             "(default: random; a resumed run keeps its own).", shown="random")
-    device: str | None = flag(None, "cpu, cuda, cuda:1, ... (default: this process's GPU if "
-                              "there is one; a distributed run picks GPU LOCAL_RANK).",
-                              shown="cuda if available")
+    device: str | None = flag(None, "cpu, cuda, cuda:1, xpu, mps, tpu (default: this "
+                              "process's accelerator if there is one; a distributed run picks "
+                              "device LOCAL_RANK).", shown="accelerator if any")
     lora_rank: int = flag(0, "Train rank-R LoRA adapters instead of all weights (0: off). "
                           "Checkpoints hold the merged weights plus adapter/ (lora.json + "
                           "adapter.safetensors).", check=at_least(0))

@@ -8,7 +8,8 @@ Every launcher says the same three things in its own words; :func:`launcher_env`
 - MPICH / Intel MPI (PMI): ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``;
 - Slurm's ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``.
 
-:func:`init` then starts ``torch.distributed`` (NCCL on GPUs, Gloo on CPU) with a timeout, so a
+:func:`init` then starts ``torch.distributed`` (the device's backend, :mod:`gpt2.runtime`:
+NCCL on NVIDIA GPUs, XCCL on Intel's, TorchTPU's on TPUs, Gloo on the CPU) with a timeout, so a
 rank that dies makes the others fail with a message instead of waiting forever. Communication
 is always torch.distributed's (or Horovod's in ``train-horovod.py`` when it is installed); there
 is no home-made layer here.
@@ -40,7 +41,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401
 
 from ..errors import UserError
-from ..runtime import pick_device
+from ..runtime import collective_backend, pick_device, use_device
 
 # (rank, world size, local rank) variable names per launcher, most specific first.
 _LAUNCHERS = {
@@ -101,13 +102,12 @@ def init(device: str | None = "auto", timeout_minutes: float = 10.0, environ=Non
     environ = os.environ if environ is None else environ
     rank, world_size, local_rank, launcher = launcher_env(environ)
     dev = pick_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    use_device(dev)
     if world_size == 1:
         return DistInfo(0, 1, 0, launcher, dev)
+    backend = collective_backend(dev)
     os.environ.setdefault("MASTER_ADDR", _master_addr(environ, launcher))
     os.environ.setdefault("MASTER_PORT", environ.get("MASTER_PORT", DEFAULT_PORT))
-    backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "gloo":
         _check_gloo_address(environ, rank, world_size)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
@@ -287,8 +287,7 @@ def init_horovod(hvd, device: str | None = "auto") -> DistInfo:
     """hvd.init(), this rank's GPU pinned by local rank, and the matching DistInfo."""
     hvd.init()
     dev = pick_device(device, hvd.local_rank())
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    use_device(dev)
     return DistInfo(hvd.rank(), hvd.size(), hvd.local_rank(), "horovod", dev)
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..data.sampler import Sampler, add_noise
 from ..errors import UserError
 from ..io.model_dir import load_config
-from ..runtime import autocast, pick_device, resolve_precision
+from ..runtime import autocast, backend_of, pick_device, resolve_precision
 from ..sampling import sample_sequence
 from ..tokenizer.files import load_encoder
 from . import distributed, optim
@@ -125,7 +125,8 @@ class Trainer:
         self.encoder_dir = self.source.model_dir
         self.log("Loading dataset...")
         self.data = load_training_data(cfg, self.encoder, config, self.dist, self.log)
-        self.compiled = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.compiled = cfg.compile if cfg.compile is not None else \
+            backend_of(self.device).compile_by_default
         self.parallel = parallelize(model.to(self.device).train(), self.dist, fsdp=cfg.fsdp,
                                     compile=self.compiled, checkpoint_blocks=blocks)
         self.optimizer = self.parallel.wrap_optimizer(optim.build_optimizer(

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import UserError
 from ..model import GPTConfig, param_shapes
-from ..runtime import PRECISIONS
+from ..runtime import PRECISIONS, free_memory
 from .optim import OPTIMIZERS
 
 GB = 1024**3  # GiB, as nvidia-smi and torch report
@@ -182,12 +182,10 @@ HEADROOM = 1.1
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory the training could still use: CUDA's free memory, or the host's available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+    """Memory the training could still use: the accelerator's free memory, or the host's
+    available RAM."""
     if device.type != "cpu":
-        return None
+        return free_memory(device)
     available = None
     try:
         with open("/proc/meminfo") as f:

@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ..runtime import BACKENDS
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
 SCHEDULES = ("constant", "cosine")
 # Cosine decays to this fraction of the peak rate rather than to zero (as Chinchilla did).
@@ -42,10 +44,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def _can_fuse(model: nn.Module) -> bool | None:
     """Fused Adam kernels: 6.6x faster steps on 124M on CPU (bench/micro.py adamw), same
-    results to ~1e-7. Plain tensors on CPU or CUDA only (not FSDP's sharded DTensors)."""
+    results to ~1e-7. Plain tensors on devices that have them (not FSDP's sharded DTensors)."""
     params = list(model.parameters())
     plain = all(type(p.data) is torch.Tensor for p in params)
-    return True if plain and {p.device.type for p in params} <= {"cpu", "cuda"} else None
+    fused = all(p.device.type in BACKENDS and BACKENDS[p.device.type].fused_optimizer
+                for p in params)
+    return True if plain and fused else None
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model import GPT
+from ..runtime import compile_module
 from . import distributed, optim
 from .distributed import DistInfo
 
@@ -70,26 +71,30 @@ def apply_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
     """A full replica per rank; DDP broadcasts rank 0's weights when it wraps."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    ids = None if dist.device.type == "cpu" else [dist.device.index]
     return DDP(model, device_ids=ids)
 
 
-def apply_fsdp(model: GPT) -> GPT:
-    """FSDP2: shard each block, then the root (wte, wpe, ln_f), in place.
+def apply_fsdp(model: GPT, dist: DistInfo) -> GPT:
+    """FSDP2: shard each block, then the root (wte, wpe, ln_f), in place, over a mesh of this
+    run's device type (FSDP2's default would take the machine's accelerator even for a run
+    on the CPU).
 
     FSDP2 does not broadcast, so every rank must already hold the same weights (the same
     file, or the same seed for a fresh model).
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     for block in model.h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
-def apply_compile(model: nn.Module) -> nn.Module:
-    return torch.compile(model)
+def apply_compile(model: nn.Module, device: torch.device) -> nn.Module:
+    return compile_module(model, device)
 
 
 def _full_state_options():
@@ -210,5 +215,6 @@ def parallelize(model: GPT, dist: DistInfo, *, fsdp: bool, compile: bool,
     wrapped, sharded = model, False
     if dist.enabled and dist.launcher != "horovod":
         sharded = fsdp
-        wrapped = apply_fsdp(model) if fsdp else apply_ddp(model, dist)
-    return Parallel(model, apply_compile(wrapped) if compile else wrapped, dist, sharded)
+        wrapped = apply_fsdp(model, dist) if fsdp else apply_ddp(model, dist)
+    return Parallel(model, apply_compile(wrapped, dist.device) if compile else wrapped, dist,
+                    sharded)

@@ -19,6 +19,7 @@ import torch
 
 from ..data.splits import TrainingData, training_data
 from ..model import GPT, GPTConfig
+from ..runtime import collective_backend
 from . import distributed, memory
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -84,7 +85,7 @@ def describe_run(cfg: TrainConfig, dist: DistInfo, model: GPT, precision: str, c
                          "across)")
         return lines
     windows = cfg.batch_size * world * cfg.accumulate_gradients
-    backend = "nccl" if dist.device.type == "cuda" else "gloo"
+    backend = collective_backend(dist.device)
     lines.append(f"Distributed: {world} processes ({dist.launcher}, "
                  f"{'FSDP' if sharded else 'DDP'}, {backend}); effective batch "
                  f"{cfg.batch_size} x {world} ranks x {cfg.accumulate_gradients} accumulation = "

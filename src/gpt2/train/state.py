@@ -21,6 +21,7 @@ import torch
 from ..errors import UserError
 from ..io.atomic import atomic_write, write_text
 from ..io.paths import STATE_FILE
+from ..runtime import BACKENDS, device_rng_state, set_device_rng_state
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -42,8 +43,8 @@ def rng_state() -> dict:
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
         "python": [version, list(internal), gauss_next],
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    for kind, states in device_rng_state().items():  # "cuda": [...], one per device
+        state[kind] = [_b64(s) for s in states]
     return state
 
 
@@ -53,10 +54,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        saved = state["cuda"]
-        if len(saved) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([_unb64(s) for s in saved])
+    set_device_rng_state({kind: [_unb64(s) for s in state[kind]]
+                          for kind in BACKENDS if kind != "cpu" and kind in state})
 
 
 def is_checkpoint(path: Path) -> bool:
