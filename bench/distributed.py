@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from gpt2.model import GPT, GPTConfig, lm_loss  # noqa: E402
+from gpt2.model import GPT, GPTConfig  # noqa: E402
 from gpt2.train import distributed  # noqa: E402
 from gpt2.train.parallelize import parallelize  # noqa: E402
 
@@ -68,9 +68,9 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         if amp:
             with amp:
-                loss = lm_loss(wrapped(tokens), tokens)
+                loss = wrapped(tokens, targets=tokens)
         else:
-            loss = lm_loss(wrapped(tokens), tokens)
+            loss = wrapped(tokens, targets=tokens)
         loss.backward()
         opt.step()
 

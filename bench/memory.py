@@ -107,7 +107,7 @@ def child(spec: dict) -> dict:
     t0 = time.perf_counter()
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        # what train.py runs: the loss inside the forward (head_lm_loss or chunked_lm_loss)
+        # what train.py runs: the loss inside the forward (token_loss, one buffer or chunked)
         loss = model(tokens, targets=tokens,
                      loss_chunk=CHUNK_ROWS if opts.get("chunked_loss") else 0)
         loss.backward()

@@ -2,7 +2,7 @@
 
     python bench/micro.py adamw      # AdamW step on ~118M fp32 parameters: foreach vs fused vs loop
     python bench/micro.py pad        # head matmul with the vocabulary padded 50257 -> 50304
-    python bench/micro.py loss       # loss head forward+backward: old/new lm_loss, chunked_lm_loss
+    python bench/micro.py loss       # loss head forward+backward: cross_entropy vs token_loss
     python bench/micro.py decode     # one 124M decode step: torch.cat cache vs empty_kv_cache
     python bench/micro.py linear     # CPU: F.linear (sgemm) vs oneDNN matmul, 1 to 1024 rows
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from common import load_note, machine, setup, timed_interleaved
 
-from gpt2.model import GPT, GPTConfig, chunked_lm_loss, empty_kv_cache, lm_loss
+from gpt2.model import GPT, GPTConfig, empty_kv_cache, next_token_targets, token_loss
 
 
 def report(title: str, times: dict[str, list[float]]) -> None:
@@ -69,11 +69,14 @@ def loss(device: torch.device) -> None:
                 fn(h, w).backward()
             return go
 
-        fns = {"sliced logits (old lm_loss)": run(lambda h, w: F.cross_entropy(
+        targets = next_token_targets(tokens)
+        fns = {"sliced logits (cross_entropy)": run(lambda h, w: F.cross_entropy(
                    (h @ w.t())[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())),
-               "lm_loss": run(lambda h, w: lm_loss(h @ w.t(), tokens)),
-               "chunked 256": run(lambda h, w: chunked_lm_loss(h, w, tokens, chunk=256)),
-               "chunked 1024": run(lambda h, w: chunked_lm_loss(h, w, tokens, chunk=1024))}
+               "shifted targets (cross_entropy)": run(lambda h, w: F.cross_entropy(
+                   (h @ w.t()).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)),
+               "token_loss": run(lambda h, w: token_loss(h, w, targets)),
+               "token_loss chunk 256": run(lambda h, w: token_loss(h, w, targets, chunk=256)),
+               "token_loss chunk 1024": run(lambda h, w: token_loss(h, w, targets, chunk=1024))}
         report(f"loss head fwd+bwd, {B} x {T}", timed_interleaved(fns, 1, 4, device))
 
 

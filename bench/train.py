@@ -39,7 +39,7 @@ def make_step(impl: str, model, tokens: torch.Tensor, opt: torch.optim.Optimizer
     def forward_loss() -> torch.Tensor:
         with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
             if impl == "hf":
-                # transformers shifts labels itself: same loss as lm_loss(logits, tokens).
+                # transformers shifts labels itself: the same next-token loss as ours.
                 return model(tokens, labels=tokens).loss
             # What the trainer runs: the loss inside the model's forward.
             return model(tokens, targets=tokens, loss_chunk=256 if impl == "chunked" else 0)
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each model's forward + loss (meant for CUDA)")
     p.add_argument("--impl", default="ours,hf",
-                   help="comma list: ours (model(tokens, targets=...): logits + lm_loss), "
-                        "chunked (the same with loss_chunk=256: chunked_lm_loss), hf (transformers' GPT2LMHeadModel with labels)")
+                   help="comma list: ours (model(tokens, targets=...): token_loss in one buffer), "
+                        "chunked (the same with loss_chunk=256), hf (transformers' GPT2LMHeadModel with labels)")
     p.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
                    help="AdamW implementation, the same for both models")
     p.add_argument("--warmup", type=int, default=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gpt2.model import GPT, GPTConfig
 
@@ -16,3 +17,9 @@ def make_model(config: GPTConfig, seed: int = 0) -> GPT:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The reference next-token loss, written plainly with torch's cross-entropy: logits at
+    positions 0..T-2 against tokens 1..T-1 (what the model's own loss must equal)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from gpt2.io.model_dir import load_model
-from gpt2.model import GPT, GPTConfig, lm_loss
+from gpt2.model import GPT, GPTConfig
+from helpers import lm_loss
 from gpt2.commands.train import main as train_main
 from gpt2.train.distributed import DistInfo
 from gpt2.train.parallelize import Parallel

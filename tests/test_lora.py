@@ -15,7 +15,8 @@ from gpt2.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, 
                        load_lora, load_lora_model, lora_state_dict, merge_lora, merged_model,
                        save_lora)
 from gpt2.commands.lora import main
-from gpt2.model import GPT, lm_loss
+from gpt2.model import GPT
+from helpers import lm_loss
 
 
 def make_model(config, seed=0) -> GPT:

@@ -11,7 +11,8 @@ import transformers
 import gpt2
 from gpt2.io.model_dir import load_model, save_model
 from gpt2.errors import UserError
-from gpt2.model import GPT, GPTConfig, lm_loss
+from gpt2.model import GPT, GPTConfig
+from helpers import lm_loss
 
 CONFIGS = [
     GPTConfig(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=2),

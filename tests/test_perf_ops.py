@@ -1,8 +1,11 @@
 """The speed and memory paths compute exactly what the plain ones do, and the estimate is honest.
 
-- chunked_lm_loss == lm_loss (value and every gradient), at any chunk size, fp32 and autocast;
-- head_lm_loss (what model(tokens, targets=...) runs) == lm_loss of the plain head, likewise;
-- lm_loss == a pure reference (slice the logits, mean cross-entropy written out by hand);
+- token_loss, the one loss (both ways: one buffer, chunked), equals torch's own cross-entropy of
+  the plain head (value and every gradient), at any chunk size, with -100 targets, summed or
+  averaged, fp32 and autocast; and that cross-entropy equals a pure reference (written out by
+  hand, one position at a time);
+- model(tokens, targets=...) is that loss of the next tokens, and refuses keywords that do not
+  apply to a loss;
 - the preallocated KV cache gives the same logits as torch.cat growth and full recompute, writes
   into its buffers, and never does so while gradients are recorded;
 - the CPU oneDNN linear path (decoding) equals F.linear in float64 within fp32 rounding, and is
@@ -17,13 +20,16 @@ import platform
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt2.train.memory import (GB, OPTIMIZERS, estimate_memory, optimizer_bytes,
                                   param_shapes)
 from gpt2 import kernels
 from gpt2.kernels import OneDNNLinear, decode_kernels
-from gpt2.model import (GPT, GPTConfig, chunked_lm_loss, empty_kv_cache, head_lm_loss,
-                        lm_loss)
+from gpt2.model import GPT, GPTConfig, empty_kv_cache, next_token_targets, token_loss
+from helpers import lm_loss
+
+CHUNKS = [0, 1, 7, 31, 62, 1000]  # 0: the one-buffer way
 
 
 def reference_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -37,6 +43,12 @@ def reference_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     return total / count
 
 
+def torch_loss(h, w, targets, reduction="mean"):
+    """torch's own cross-entropy of the plain head: what token_loss must equal."""
+    return F.cross_entropy(F.linear(h, w).flatten(0, -2).float(), targets.flatten(),
+                           ignore_index=-100, reduction=reduction)
+
+
 def grads_of(model: GPT, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = loss_fn()
@@ -44,116 +56,93 @@ def grads_of(model: GPT, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def perturbed(config, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config).train()
+    with torch.no_grad():  # non-trivial layer norms and biases
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()  # no dropout: every call sees the same network
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_lm_loss_matches_reference(tiny_config, batch):
+def test_the_reference_cross_entropy_is_the_next_token_nll(tiny_config, batch):
     torch.manual_seed(0)
     logits = torch.randn(batch, 9, tiny_config.n_vocab) * 3
     tokens = torch.randint(0, tiny_config.n_vocab, (batch, 9))
     assert lm_loss(logits, tokens).item() == pytest.approx(reference_loss(logits, tokens), abs=1e-5)
+    assert F.cross_entropy(logits.flatten(0, 1), next_token_targets(tokens).flatten(),
+                           ignore_index=-100).item() == pytest.approx(
+        reference_loss(logits, tokens), abs=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 31, 62, 1000])
-def test_chunked_loss_and_gradients_equal_lm_loss(tiny_config, chunk):
-    torch.manual_seed(chunk)
-    model = GPT(tiny_config).train()
-    with torch.no_grad():  # non-trivial layer norms and biases
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    tokens = torch.randint(0, tiny_config.n_vocab, (2, tiny_config.n_ctx))
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_model_loss_and_gradients_equal_the_plain_head(tiny_config, chunk):
+    """model(tokens, targets=tokens) == cross-entropy of model(tokens)'s logits, every gradient
+    too (the tied weight's two gradients summed)."""
+    model = perturbed(tiny_config, chunk)
+    tokens = torch.randint(0, tiny_config.n_vocab, (3, tiny_config.n_ctx))
     plain, g_plain = grads_of(model, lambda: lm_loss(model(tokens), tokens))
-
-    def chunked():
-        h, _ = model.hidden_states(tokens, use_cache=False)
-        return chunked_lm_loss(h, model.lm_head.weight, tokens, chunk=chunk)
-
-    value, g_chunked = grads_of(model, chunked)
-    assert value == pytest.approx(plain, abs=1e-5)
-    assert g_plain.keys() == g_chunked.keys()
+    ours, g_ours = grads_of(model, lambda: model(tokens, targets=tokens, loss_chunk=chunk))
+    assert ours == pytest.approx(plain, abs=1e-5)
+    assert g_plain.keys() == g_ours.keys()
     for name in g_plain:
-        assert (g_plain[name] - g_chunked[name]).abs().max().item() <= 1e-5, name
+        assert (g_plain[name] - g_ours[name]).abs().max().item() <= 1e-5, name
 
 
-def test_chunked_loss_scales_incoming_gradient_and_works_without_grad(tiny_config):
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_token_loss_with_unscored_targets(tiny_config, chunk, reduction):
+    """-100 targets count nowhere (value, gradient, divisor); a scaled incoming gradient, backward
+    twice with retain_graph, no-grad, and only one input needing a gradient."""
     torch.manual_seed(1)
     h = torch.randn(2, 8, tiny_config.n_embd, requires_grad=True)
     w = torch.randn(tiny_config.n_vocab, tiny_config.n_embd, requires_grad=True)
-    tokens = torch.randint(0, tiny_config.n_vocab, (2, 8))
-    (3.5 * lm_loss(h @ w.t(), tokens)).backward()
+    targets = torch.randint(0, tiny_config.n_vocab, (2, 8))
+    targets[0, :5] = -100  # e.g. a prompt not trained on
+    targets[1, -1] = -100
+    (3.5 * torch_loss(h, w, targets, reduction)).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    (3.5 * chunked_lm_loss(h, w, tokens, chunk=5)).backward()
-    assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
-    with torch.no_grad():
-        assert chunked_lm_loss(h, w, tokens, chunk=4).item() == pytest.approx(
-            lm_loss(h @ w.t(), tokens).item(), abs=1e-5)
-    # only one input needing a gradient
-    frozen = w.detach()
-    h.grad = None
-    chunked_lm_loss(h, frozen, tokens, chunk=3).backward()
-    assert torch.allclose(h.grad, gh / 3.5, atol=1e-5)
-
-
-def test_chunked_loss_under_bf16_autocast_tracks_lm_loss(tiny_config):
-    torch.manual_seed(2)
-    model = GPT(tiny_config).train()
-    tokens = torch.randint(0, tiny_config.n_vocab, (2, tiny_config.n_ctx))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain, g_plain = grads_of(model, lambda: lm_loss(model(tokens), tokens))
-        chunked, g_chunked = grads_of(model, lambda: chunked_lm_loss(
-            model.hidden_states(tokens, use_cache=False)[0], model.lm_head.weight, tokens, chunk=16))
-    assert chunked == pytest.approx(plain, abs=2e-2)
-    for name in g_plain:  # bf16 rounding differs between the two orders of work
-        scale = g_plain[name].abs().max().item() + 1e-6
-        assert (g_plain[name] - g_chunked[name]).abs().max().item() <= 0.05 * scale, name
-    assert g_chunked["wte.weight"].dtype == torch.float32
-
-
-def test_head_loss_is_the_plain_head_and_lm_loss(tiny_config):
-    """model(tokens, targets=tokens) runs head_lm_loss: the same loss and every gradient as
-    lm_loss(model(tokens), tokens) (the tied weight's two gradients summed), a scaled incoming
-    gradient, backward twice with retain_graph, no-grad, and a frozen head."""
-    torch.manual_seed(5)
-    model = GPT(tiny_config).train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.eval()  # no dropout: both calls see the same network
-    tokens = torch.randint(0, tiny_config.n_vocab, (3, tiny_config.n_ctx))
-    plain, g_plain = grads_of(model, lambda: lm_loss(model(tokens), tokens))
-    fused, g_fused = grads_of(model, lambda: model(tokens, targets=tokens))
-    assert fused == pytest.approx(plain, abs=1e-5)
-    for name in g_plain:
-        assert (g_plain[name] - g_fused[name]).abs().max().item() <= 1e-5, name
-    h = torch.randn(2, 8, tiny_config.n_embd, requires_grad=True)
-    w = torch.randn(tiny_config.n_vocab, tiny_config.n_embd, requires_grad=True)
-    t = tokens[:2, :8]
-    (3.5 * lm_loss(h @ w.t(), t)).backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    loss = 3.5 * head_lm_loss(h, w, t)
+    loss = 3.5 * token_loss(h, w, targets, chunk=chunk, reduction=reduction)
+    assert loss.item() / 3.5 == pytest.approx(torch_loss(h, w, targets, reduction).item(),
+                                              rel=1e-6, abs=1e-5)  # (a sum: ~130)
     loss.backward(retain_graph=True)
     loss.backward()  # the saved gradient must not have been scaled in place
-    assert torch.allclose(h.grad, 2 * gh, atol=1e-5) and torch.allclose(w.grad, 2 * gw, atol=1e-5)
+    torch.testing.assert_close(h.grad, 2 * gh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, 2 * gw, rtol=1e-5, atol=1e-5)
+    assert h.grad[0, :5].abs().max() == 0  # unscored rows get no gradient
     with torch.no_grad():
-        assert head_lm_loss(h, w, t).item() == pytest.approx(lm_loss(h @ w.t(), t).item(),
-                                                             abs=1e-5)
+        assert token_loss(h, w, targets, chunk=chunk, reduction=reduction).item() == \
+            pytest.approx(torch_loss(h, w, targets, reduction).item(), rel=1e-6, abs=1e-5)
     h.grad = None
-    head_lm_loss(h, w.detach(), t).backward()
-    assert torch.allclose(h.grad, gh / 3.5, atol=1e-5)
+    token_loss(h, w.detach(), targets, chunk=chunk, reduction=reduction).backward()
+    torch.testing.assert_close(h.grad, gh / 3.5, rtol=1e-5, atol=1e-5)
 
 
-def test_head_loss_under_bf16_autocast_tracks_lm_loss(tiny_config):
-    torch.manual_seed(6)
-    model = GPT(tiny_config).eval()
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_loss_under_bf16_autocast_tracks_the_plain_head(tiny_config, chunk):
+    model = perturbed(tiny_config, 6)
     tokens = torch.randint(0, tiny_config.n_vocab, (2, tiny_config.n_ctx))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain, g_plain = grads_of(model, lambda: lm_loss(model(tokens), tokens))
-        fused, g_fused = grads_of(model, lambda: model(tokens, targets=tokens))
-    assert fused == pytest.approx(plain, abs=2e-2)
-    for name in g_plain:
+        ours, g_ours = grads_of(model, lambda: model(tokens, targets=tokens, loss_chunk=chunk))
+    assert ours == pytest.approx(plain, abs=2e-2)
+    for name in g_plain:  # bf16 rounding differs between the orders of work
         scale = g_plain[name].abs().max().item() + 1e-6
-        assert (g_plain[name] - g_fused[name]).abs().max().item() <= 0.05 * scale, name
-    assert g_fused["wte.weight"].dtype == torch.float32
+        assert (g_plain[name] - g_ours[name]).abs().max().item() <= 0.05 * scale, name
+    assert g_ours["wte.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs", [dict(use_cache=True), dict(last_only=True),
+                                    dict(past=[]), dict(key_mask=torch.ones(1, 4, dtype=bool))])
+def test_a_loss_refuses_what_does_not_apply_to_it(tiny_config, kwargs):
+    model = GPT(tiny_config)
+    tokens = torch.randint(0, tiny_config.n_vocab, (1, 4))
+    with pytest.raises(ValueError, match="do not apply"):
+        model(tokens, targets=tokens, **kwargs)
+    with pytest.raises(ValueError, match="loss_chunk applies to the loss only"):
+        model(tokens, loss_chunk=8)
 
 
 @pytest.mark.parametrize("prefix", [1, 6])

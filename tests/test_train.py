@@ -27,7 +27,8 @@ import bounded
 from gpt2.train import memory, optim, parallelize
 from gpt2.cli import run
 from gpt2.errors import UserError
-from gpt2.model import GPT, GPTConfig, lm_loss
+from gpt2.model import GPT, GPTConfig
+from helpers import lm_loss
 from gpt2.commands.train import main
 from gpt2.train.config import parse_config
 
@@ -469,9 +470,9 @@ def test_chunked_loss_trains_like_the_plain_loss(tmp_path, data, model_dir, monk
     flags = dict(max_steps=6, accumulate_gradients=2, optimizer="adamw", grad_clip=1.0,
                  val_every=3, val_batch_count=2)
     assert main(args(data, model_dir, run_name="plain", loss_chunk=0, **flags)) == 0
-    chunks, real = [], gpt2.model.chunked_lm_loss
-    monkeypatch.setattr(gpt2.model, "chunked_lm_loss",
-                        lambda *a, chunk: chunks.append(chunk) or real(*a, chunk=chunk))
+    chunks, real = [], gpt2.model.token_loss
+    monkeypatch.setattr(gpt2.model, "token_loss",
+                        lambda *a, chunk, **k: chunks.append(chunk) or real(*a, chunk=chunk, **k))
     assert main(args(data, model_dir, run_name="chunked", loss_chunk=7, **flags)) == 0
     assert chunks and set(chunks) == {7}  # every training and validation loss went through it
     plain, chunked = metrics(tmp_path / "checkpoint/plain"), metrics(tmp_path / "checkpoint/chunked")

@@ -31,10 +31,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .io.tensors import unwrap
+from .model import token_loss
 from .runtime import PRECISIONS, autocast
 
 # Rows of [*, n_vocab] logits materialised at once: bounds memory to ~400 MB for GPT-2's vocabulary.
@@ -115,10 +115,8 @@ def evaluate(model: torch.nn.Module, chunks, n_ctx: int | None = None,
                 h, _ = gpt.hidden_states(x)
                 # Position p is predicted by the state at p - 1; only scored rows reach the head.
                 h, targets = h[rows, cols - 1], x[rows, cols]
-                for j in range(0, len(targets), HEAD_ROWS):
-                    logits = gpt.lm_head(h[j:j + HEAD_ROWS]).float()
-                    nll += F.cross_entropy(logits, targets[j:j + HEAD_ROWS],
-                                           reduction="sum").item()
+                nll += token_loss(h, gpt.lm_head.weight, targets, chunk=HEAD_ROWS,
+                                  reduction="sum").item()
             bar.update(len(targets))
     finally:
         bar.close()

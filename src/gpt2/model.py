@@ -15,9 +15,14 @@ conversion is a table, not a puzzle.
     past = empty_kv_cache(config, batch=1, max_len=1024)    # optional: preallocated cache that
     logits, present = model(tokens, past=past, use_cache=True)  # grows in place, no torch.cat
 
-    loss = model(tokens, targets=tokens)                    # == lm_loss(model(tokens), tokens)
-                                                            # (head_lm_loss: one [B, T, V] buffer)
+    loss = model(tokens, targets=tokens)                    # next-token cross-entropy (token_loss)
     loss = model(tokens, targets=tokens, loss_chunk=256)    # the same, no [B, T, V] logits
+
+The three calls are separate contracts: ``model(tokens)`` gives logits, ``use_cache=True``
+(with ``past``, ``last_only``, ``key_mask``) logits and the new cache, ``targets=`` the training
+loss over whole sequences; a keyword that does not apply to the call is an error, not ignored.
+The loss has one definition, :func:`token_loss`, computed in one [rows, V] buffer or, with
+``chunk``, a chunk of rows at a time.
 """
 
 from __future__ import annotations
@@ -275,16 +280,23 @@ class GPT(nn.Module):
         ``last_only`` computes the logits of the last position only ([B, 1, n_vocab]): all a
         sampler needs after feeding a prompt, without T - 1 rows of the largest matmul.
 
-        ``targets`` [B, T] returns ``lm_loss(logits, targets)`` instead of the logits (training:
-        the loss is part of the forward that DDP, FSDP and torch.compile wrap); ``loss_chunk``
-        > 0 computes it with :func:`chunked_lm_loss`, never holding [B, T, n_vocab] logits.
-        ``key_mask``: see :meth:`hidden_states`.
+        ``targets`` [B, T] returns the training loss instead: position t predicts
+        ``targets[:, t + 1]`` (pass the tokens themselves; -100 marks a token not to predict),
+        :func:`token_loss` of the final states, inside the forward that DDP, FSDP and
+        torch.compile wrap. ``loss_chunk`` > 0 computes it ``loss_chunk`` rows at a time, never
+        holding [B, T, n_vocab] logits. With ``targets``, ``past``, ``use_cache``,
+        ``last_only`` and ``key_mask`` do not apply and are refused. ``key_mask``: see
+        :meth:`hidden_states`.
         """
         if targets is not None:
+            if past is not None or use_cache or last_only or key_mask is not None:
+                raise ValueError("targets= computes the training loss over whole sequences: "
+                                 "past, use_cache, last_only and key_mask do not apply to it")
             h, _ = self.hidden_states(tokens, use_cache=False)
-            if loss_chunk > 0:
-                return chunked_lm_loss(h, self.lm_head.weight, targets, chunk=loss_chunk)
-            return head_lm_loss(h, self.lm_head.weight, targets)
+            return token_loss(h, self.lm_head.weight, next_token_targets(targets),
+                              chunk=loss_chunk)
+        if loss_chunk:
+            raise ValueError("loss_chunk applies to the loss only (pass targets=)")
         h, present = self.hidden_states(tokens, past, use_cache, key_mask)
         logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, present) if use_cache else logits
@@ -300,46 +312,63 @@ def set_dropout(model: GPT, p: float) -> None:
             m.dropout = p
 
 
-def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits[:, :-1] predict tokens[:, 1:]."""
-    # Shift the targets, not the logits: logits[:, :-1] of a batch is not a view, and flattening
-    # it would copy the whole [B, T, V] tensor (and its gradient). The last position is ignored.
-    targets = F.pad(tokens[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+IGNORE = -100  # a target that is not scored (the convention of torch and transformers)
 
 
-def head_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
-                 ) -> torch.Tensor:
-    """``lm_loss(F.linear(hidden, weight), tokens)``, the full logits in one [B*T, V] buffer.
+def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> what each position predicts: the next token; the last position nothing.
 
-    What ``model(tokens, targets=tokens)`` computes. The buffer that holds the logits is turned
-    in place into probabilities and then into the loss's gradient, so forward and backward
-    allocate one [B*T, V] tensor instead of four (logits, log-softmax, the gradient of the
-    log-softmax, that of the logits), and the head's weight gradient arrives as a fresh tensor
-    that the tied embedding's gradient is added into in place (autograd adds to a view out of
-    place: another [V, E] tensor). Same loss and gradients as the plain head up to rounding.
+    Shifting the targets, not the logits: logits[:, :-1] is not a view, and flattening it
+    would copy the whole [B, T, V] tensor (and its gradient).
     """
-    h = hidden.flatten(0, 1)
-    targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()
+    return F.pad(tokens[:, 1:], (0, 1), value=IGNORE)
+
+
+def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               chunk: int = 0, reduction: str = "mean") -> torch.Tensor:
+    """The language-model loss, its one definition: the cross-entropy of the logits
+    ``F.linear(hidden, weight)`` against ``targets``, over the rows whose target is not -100.
+
+    hidden [..., E] (final states), weight [V, E] (the head), targets [...] (ids or -100);
+    ``reduction`` ``mean`` (per scored row) or ``sum``. ``chunk`` 0 holds the logits of all rows
+    in one buffer, turned in place into probabilities and then into the loss's gradient: one
+    [rows, V] tensor where the plain head allocates four (logits, log-softmax, and the two
+    gradients), and a fresh weight gradient the tied embedding's is added into. ``chunk`` > 0
+    computes ``chunk`` rows at a time, straight into the gradients of hidden and weight, so
+    the head needs about ``chunk x V x 4`` bytes instead. Under autocast the matmuls run in the
+    autocast dtype and the softmax in fp32, as the plain head would. Equal to
+    ``F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)`` up to
+    rounding, in value and gradients (tests/test_perf_ops.py).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _HeadLMLoss.apply(h, weight, targets, wants_grad)
+    if chunk > 0:
+        return _ChunkedLoss.apply(h, weight, t, chunk, reduction == "mean", wants_grad)
+    return _OneBufferLoss.apply(h, weight, t, reduction == "mean", wants_grad)
 
 
-class _HeadLMLoss(torch.autograd.Function):
+def _scored(targets: torch.Tensor, mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(which rows are scored, their targets with 0 elsewhere, what the sum is divided by)."""
+    valid = targets != IGNORE
+    divisor = valid.sum() if mean else torch.ones((), dtype=torch.long, device=targets.device)
+    return valid, targets.masked_fill(~valid, 0), divisor
+
+
+class _OneBufferLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, wants_grad: bool):
+    def forward(ctx, h, weight, targets, mean: bool, wants_grad: bool):
         logits = F.linear(h, weight)
         x = logits.float()  # the same tensor in fp32; under autocast the one fp32 copy
-        valid = targets != -100
-        safe = targets.masked_fill(~valid, 0)
-        n = valid.sum()
+        valid, safe, n = _scored(targets, mean)
         picked = x.gather(1, safe[:, None])
         m = x.amax(dim=-1, keepdim=True)
         p = x.sub_(m).exp_()  # unnormalised probabilities, in place over the logits
         s = p.sum(dim=-1, keepdim=True)
         loss = ((m + s.log() - picked).squeeze(1) * valid).sum() / n
         if wants_grad:
-            # d(mean loss)/d(logits) = (softmax - one_hot) / n on counted rows, 0 on the others.
+            # d(loss)/d(logits) = (softmax - one_hot) / n on scored rows, 0 on the others.
             g = p.mul_(valid[:, None] / (n * s))
             g[torch.arange(g.size(0), device=g.device), safe] -= valid / n
             ctx.compute_dtype = logits.dtype
@@ -356,45 +385,29 @@ class _HeadLMLoss(torch.autograd.Function):
             grad_h = (g @ weight.to(ctx.compute_dtype)).mul_(grad_out).to(h.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = g.t().mm((h * grad_out).to(ctx.compute_dtype)).to(weight.dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                    chunk: int = 256) -> torch.Tensor:
-    """``lm_loss(hidden @ weight.T, tokens)`` computed ``chunk`` rows at a time.
-
-    hidden [B, T, E] (``model.hidden_states``), weight [V, E] (``model.lm_head.weight``), tokens
-    [B, T]. The full [B, T, V] logits are never held: each chunk's fp32 logits are turned into
-    its loss and, when gradients are wanted, straight into the gradients of hidden and weight,
-    which backward then only scales. Peak memory for the head is about ``chunk x V x 4`` bytes
-    instead of several ``B x T x V x 4``. Under autocast the matmuls run in the autocast dtype,
-    as the plain head would.
-    """
-    h = hidden[:, :-1].flatten(0, 1)
-    targets = tokens[:, 1:].flatten()
-    wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _ChunkedLMLoss.apply(h, weight, targets, chunk, wants_grad)
-
-
-class _ChunkedLMLoss(torch.autograd.Function):
+class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, wants_grad: bool):
-        n = targets.numel()
+    def forward(ctx, h, weight, targets, chunk: int, mean: bool, wants_grad: bool):
+        valid, safe, n = _scored(targets, mean)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if wants_grad and ctx.needs_input_grad[0] else None
         grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                   if wants_grad and ctx.needs_input_grad[1] else None)
-        for start in range(0, n, chunk):
-            h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
+        for start in range(0, h.size(0), chunk):
+            h_c, t_c, v_c = h[start:start + chunk], safe[start:start + chunk], \
+                valid[start:start + chunk]
             logits = (h_c @ weight.t()).float()
             lse = logits.logsumexp(dim=-1)
-            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, t_c[:, None]).squeeze(1)) * v_c).sum()
             if not wants_grad:
                 continue
-            # d(mean loss)/d(logits) = (softmax - one_hot) / n, built in place over the logits.
+            # d(loss)/d(logits) = (softmax - one_hot) / n, built in place over the logits.
             g = logits.sub_(lse[:, None]).exp_()
             g[torch.arange(t_c.numel(), device=g.device), t_c] -= 1.0
-            g.div_(n)
+            g.mul_(v_c[:, None] / n)
             # Written into place (out=, addmm_): no [V, E] temporary per chunk.
             if grad_h is not None:
                 torch.mm(g.to(weight.dtype), weight, out=grad_h[start:start + chunk])
@@ -411,4 +424,4 @@ class _ChunkedLMLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
                 None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
-                None, None, None)
+                None, None, None, None)

@@ -24,7 +24,7 @@ Options, as the training flags name them:
 - activation_checkpointing: False, True (every block) or a number of blocks.
 - fsdp_world_size: parameters, gradients and optimizer state sharded over that many devices
   (FULL_SHARD, one FSDP unit per block); activations are not sharded.
-- chunked_loss: the head computed by ``chunked_lm_loss`` instead of full logits + ``lm_loss``.
+- chunked_loss: the head computed ``chunk`` rows at a time (``token_loss(chunk=...)``).
 - trainable: ``all`` or ``transformer`` (--only_train_transformer_layers: the h.* blocks).
 """
 
@@ -48,7 +48,7 @@ GB = 1024**3  # GiB, as nvidia-smi and torch report
 # (4E) for c_proj: 16E. Under bf16 autocast the residual stream stays fp32 (x and mid: 4 bytes)
 # and the other 14E are bf16 (2 bytes).
 _BLOCK_ACT_BYTES = {"fp32": 16 * 4, "bf16": 2 * 4 + 14 * 2}
-# Rows per chunk in gpt2.model.chunked_lm_loss's default.
+# Rows per chunk of the chunked loss (train.py's --loss_chunk when it is on).
 CHUNK_ROWS = 256
 
 
@@ -107,7 +107,7 @@ def _head_bytes(config: GPTConfig, tokens: int, precision: str, chunked: bool) -
         # kept until backward (fp32 weight-gradient accumulator)
         rows = min(CHUNK_ROWS, tokens)
         return rows * V * (6 if precision != "fp32" else 4) + tokens * E * 4 + V * E * 4
-    # model.head_lm_loss: one fp32 [tokens, V] buffer holds the logits, then their gradient
+    # model.token_loss: one fp32 [tokens, V] buffer holds the logits, then their gradient
     # (+ its 16-bit cast for backward's matmuls under autocast); the weight gradient is fresh.
     return tokens * V * (6 if precision != "fp32" else 4) + V * E * 4
 
