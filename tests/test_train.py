@@ -534,6 +534,17 @@ def test_activation_checkpointing_gives_same_gradients(tiny_config):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=name)
     assert list(a.state_dict()) == list(b.state_dict())  # names unchanged
+    assert all(type(block) is parallelize.CheckpointedBlock for block in b.h)
+    # the checkpointed blocks store less for backward: one input per block, not its insides
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
+        b(x, targets=x)
+    plain = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain.append(t.numel()) or t,
+                                                  lambda t: t):
+        a(x, targets=x)
+    assert sum(saved) < sum(plain) / 2
 
 
 def test_parse_blocks():
@@ -579,6 +590,9 @@ def test_optimizer_state_round_trip(tiny_config, name):
         assert torch.equal(p, q)
     other = optim.build_optimizer(clone, "sgd" if name != "sgd" else "adam", 1e-2)
     assert optim.load_optimizer_state(other, clone, tensors, meta) is not None
+    assert not other.state  # a refused state changes nothing
+    fresh = optim.build_optimizer(clone, name, 1e-2)
+    assert optim.optimizer_state(fresh, clone)[0] == {} and not fresh.state  # no step taken
 
 
 if __name__ == "__main__":

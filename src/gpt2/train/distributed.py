@@ -291,6 +291,21 @@ def init_horovod(hvd, device: str | None = "auto") -> DistInfo:
     return DistInfo(hvd.rank(), hvd.size(), hvd.local_rank(), "horovod", dev)
 
 
+def wrap_optimizer(optimizer, model: torch.nn.Module, info: DistInfo, accumulation: int):
+    """Horovod averages gradients in the optimizer; torch.distributed's wrappers already have."""
+    if info.launcher == "horovod":
+        return horovod_optimizer(optimizer, model, accumulation)
+    return optimizer
+
+
+def my_share(n: int, info: DistInfo) -> list[int]:
+    """This rank's share of ``n`` items (every world_size-th). Every rank gets as many: indices
+    >= n are padding the caller runs but counts zero, because under FSDP every forward is a
+    collective (and the validation loop's stop check is one too)."""
+    ws, rank = info.world_size, info.rank
+    return list(range(rank, -(-n // ws) * ws, ws))
+
+
 def horovod_optimizer(optimizer, model: torch.nn.Module, accumulation: int):
     """Horovod's averaging optimizer, started from rank 0's weights and optimizer state."""
     import horovod.torch as hvd

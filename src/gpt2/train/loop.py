@@ -129,8 +129,9 @@ class Trainer:
             backend_of(self.device).compile_by_default
         self.parallel = parallelize(model.to(self.device).train(), self.dist, fsdp=cfg.fsdp,
                                     compile=self.compiled, checkpoint_blocks=blocks)
-        self.optimizer = self.parallel.wrap_optimizer(optim.build_optimizer(
-            model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay), cfg.accumulate_gradients)
+        self.optimizer = distributed.wrap_optimizer(optim.build_optimizer(
+            model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay), model, self.dist,
+            cfg.accumulate_gradients)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.sampler = Sampler(self.data.train, seed=self.seed, rank=self.dist.rank,
                                world_size=self.dist.world_size,
@@ -151,7 +152,8 @@ class Trainer:
         self.step, self.tokens = state["step"], state.get("tokens", 0)
         self.elapsed, self.avg = state.get("elapsed", 0.0), list(state.get("avg", [0.0, 0.0]))
         if opt_saved is not None:
-            problem = self.parallel.load_optimizer_state(self.optimizer, *opt_saved)
+            problem = optim.load_optimizer_state(self.optimizer, self.parallel.model,
+                                                 *opt_saved, sharded=self.parallel.sharded)
             if problem:
                 self.log(f"warning: not restoring the optimizer state: {problem}")
         if "scaler" in state and self.scaler.is_enabled():
@@ -304,7 +306,7 @@ class Trainer:
         batches, model = self.data.val_batches, self.parallel.eval_model
         model.eval()
         total = count = 0.0
-        for i in tqdm(self.parallel.my_batches(len(batches)), disable=not self.is_main):
+        for i in tqdm(distributed.my_share(len(batches), self.dist), disable=not self.is_main):
             if distributed.broadcast_flag(self.stop.requested, self.dist):
                 model.train()  # Ctrl-C: stop within a batch, not after the whole pass
                 return None
@@ -361,7 +363,8 @@ class Trainer:
         model, extra = self.parallel.full_model(), None
         if self.lora_base is not None:
             model, extra = lora_checkpoint(self.parallel.model, self.lora_base)
-        tensors, meta = self.parallel.optimizer_state(self.optimizer)
+        tensors, meta = optim.optimizer_state(self.optimizer, self.parallel.model,
+                                              gather=self.parallel.sharded)
         ranks = distributed.all_gather_object(
             {"noise_rng": self.noise_rng.bit_generator.state, "rng": rng_state()}, self.dist)
         if self.is_main:

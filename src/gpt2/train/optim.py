@@ -4,8 +4,8 @@
     for step in range(1, max_steps + 1):
         set_lr(opt, lr_at(step, 3e-4, "cosine", warmup_steps=100, max_steps=max_steps))
         ...
-    tensors, meta = optimizer_state(opt, model)     # -> safetensors + JSON
-    load_optimizer_state(opt, model, tensors, meta)
+    tensors, meta = optimizer_state(opt, model)     # -> safetensors + JSON (FSDP: gather=True)
+    load_optimizer_state(opt, model, tensors, meta) # (FSDP: sharded=True)
 
 The schedule is a pure function of the update number, so a resumed run needs to remember only
 its step count to continue on the same curve.
@@ -91,60 +91,73 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The optimizer's parameters by name, in its order (the tied head once, as wte)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, gather: bool = False
                     ) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer's per-parameter state as ``{"<param name>/<key>": tensor}`` plus JSON
     metadata (optimizer class, parameter names, non-tensor values), keyed by parameter *name* so
     the file is readable and a mismatch with the model is detected instead of silently misapplied.
-    CPU tensors are the live state, not copies: write them out before the next step.
+
+    One way for every wrapper: torch's distributed-checkpoint state-dict API, which also works
+    without a process group. ``gather`` (FSDP): the whole state, gathered from the shards onto
+    the CPU, a collective every rank calls. Otherwise CPU tensors are the live state, not
+    copies: write them out before the next step.
     """
-    tensors, extra = {}, {}
-    params = _param_names(optimizer, model)
-    for name, p in params:
-        for key, value in optimizer.state.get(p, {}).items():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, \
+        get_optimizer_state_dict
+
+    meta = {"class": type(optimizer).__name__, "params": _param_names(optimizer, model),
+            "extra": {}}
+    if not optimizer.state:  # no step yet (and torch's API would take one to make the state)
+        return {}, meta
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if gather else None
+    osd = get_optimizer_state_dict(model, optimizer, options=options)
+    tensors = {}
+    for name, slots in osd.get("state", {}).items():  # (gathered: on rank 0 only)
+        for key, value in slots.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous()
             elif value is not None:
-                extra[f"{name}/{key}"] = value
-    meta = {"class": type(optimizer).__name__, "params": [n for n, _ in params], "extra": extra}
+                meta["extra"][f"{name}/{key}"] = value
     return tensors, meta
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
-                         tensors: dict[str, torch.Tensor], meta: dict) -> str | None:
-    """Fill the optimizer's state from :func:`optimizer_state`'s output.
+                         tensors: dict[str, torch.Tensor], meta: dict, sharded: bool = False
+                         ) -> str | None:
+    """Fill the optimizer's state from :func:`optimizer_state`'s output (``sharded``: each FSDP
+    rank keeps its own shard of the whole state it read).
 
     Returns None on success, or a reason why the saved state does not fit this optimizer (other
-    class, other trainable parameters); the caller then starts with a fresh optimizer state.
+    class, other trainable parameters), having changed nothing; the caller then starts with a
+    fresh optimizer state.
     """
-    params = _param_names(optimizer, model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, \
+        set_optimizer_state_dict
+
+    names = _param_names(optimizer, model)
     if meta.get("class") != type(optimizer).__name__:
         return f"it was saved by {meta.get('class')}, this run uses {type(optimizer).__name__}"
-    if meta.get("params") != [n for n, _ in params]:
+    if meta.get("params") != names:
         return "it was saved for a different set of trainable parameters"
-    state: dict[nn.Parameter, dict] = {}
-    for key, value in tensors.items():
+    state: dict[str, dict] = {}
+    for key, value in list(tensors.items()) + list(meta.get("extra", {}).items()):
         name, _, slot = key.rpartition("/")
-        state.setdefault(name, {})[slot] = value
-    for key, value in meta.get("extra", {}).items():
-        name, _, slot = key.rpartition("/")
-        state.setdefault(name, {})[slot] = value
-    for name, p in params:
-        slots = state.get(name)
-        if not slots:
-            continue
-        for slot, value in slots.items():
-            # Step counters stay on the CPU as torch keeps them; the rest follows the parameter.
-            if isinstance(value, torch.Tensor):
-                # Copied: the optimizer updates its state in place and must not share it.
-                value = value.to(device=p.device if slot != "step" else "cpu",
-                                 dtype=p.dtype if value.is_floating_point() and slot != "step"
-                                 else value.dtype, copy=True)
-            slots[slot] = value
-        optimizer.state[p] = slots
+        # Copied: the optimizer updates its state in place and must not share the caller's.
+        state.setdefault(name, {})[slot] = value.clone() if isinstance(value, torch.Tensor) \
+            else value
+    if not state:
+        return None  # saved before the first step: nothing to restore
+    it = iter(names)
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [next(it) for _ in g["params"]]} for g in optimizer.param_groups]
+    # (torch casts each slot to its parameter's dtype and device, steps stay where torch keeps
+    # them; it first takes a step at learning rate 0 to create the state it then replaces)
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=sharded))
     return None

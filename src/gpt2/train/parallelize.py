@@ -4,14 +4,13 @@
     loss = parallel.train_model(x, targets=y)           # DDP/FSDP-wrapped and compiled
     with parallel.no_sync(last_micro_step): loss.backward()
     model_to_save = parallel.full_model()               # the whole model, on rank 0
-    tensors, meta = parallel.optimizer_state(optimizer)
 
 torchtitan's shape: the model module knows nothing of any of this. Each ``apply_*`` function
 takes a plain module and returns it wrapped (or changed in place); :func:`parallelize` composes
 them and returns a :class:`Parallel`, which is all the training loop holds, so the loop never
-asks which wrappers are on. Under FSDP the weights and optimizer state are sharded across the
-ranks and every forward is a collective; :class:`Parallel` hides both (gathered state dicts,
-evenly padded validation batches).
+asks which wrappers are on. Under FSDP the weights are sharded across the ranks and every
+forward is a collective; :class:`Parallel` hides that (a gathered whole model to save). The
+optimizer state, sharded or not, is :mod:`.optim`'s.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model import GPT
+from ..model import GPT, Block
 from ..runtime import compile_module
-from . import distributed, optim
+from . import distributed
 from .distributed import DistInfo
 
 
@@ -48,23 +47,33 @@ def parse_blocks(spec: str, n_layer: int) -> list[int]:
     return blocks
 
 
-def apply_activation_checkpointing(model: nn.Module, blocks: list[int]) -> None:
-    """Recompute the chosen blocks' activations during backward instead of storing them.
+class CheckpointedBlock(Block):
+    """A transformer block that recomputes its activations during backward instead of storing
+    them: the block's own submodules (so parameter names, state dicts and LoRA adapters are
+    unchanged) under a forward that runs :func:`torch.utils.checkpoint.checkpoint`.
 
-    Each block's ``forward`` is wrapped on the instance, so parameter names (and therefore saved
-    weights) are unchanged. Only gradient-carrying calls without a KV cache are checkpointed:
-    sampling and validation run the plain forward.
+    Only gradient-carrying calls without a KV cache are checkpointed: sampling and validation
+    run the plain forward. (torch's ``checkpoint_wrapper``, torchtitan's choice, renames every
+    parameter under ``_checkpoint_wrapped_module``; the composable ``checkpoint()`` keeps names
+    but fails under torch.compile.)
     """
+
+    def __init__(self, block: Block):
+        nn.Module.__init__(self)  # not Block's: the layers are the block's own
+        for name, child in block.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x, past=None, mask=None):
+        if past is None and mask is None and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x, past, mask)
+
+
+def apply_activation_checkpointing(model: GPT, blocks: list[int]) -> None:
+    """Replace the chosen blocks with :class:`CheckpointedBlock` wrappers of themselves."""
     for i in blocks:
-        block = model.h[i]
-        plain = block.forward
-
-        def forward(x, past=None, mask=None, _plain=plain):
-            if past is None and mask is None and torch.is_grad_enabled():
-                return checkpoint(_plain, x, use_reentrant=False)
-            return _plain(x, past, mask)
-
-        block.forward = forward
+        if not isinstance(model.h[i], CheckpointedBlock):
+            model.h[i] = CheckpointedBlock(model.h[i])
 
 
 def apply_ddp(model: nn.Module, dist: DistInfo) -> nn.Module:
@@ -97,14 +106,9 @@ def apply_compile(model: nn.Module, device: torch.device) -> nn.Module:
     return compile_module(model, device)
 
 
-def _full_state_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 class Parallel:
-    """The model as built, the module that trains, and how to get whole state out of them."""
+    """The model as built, the module that trains (wrapped, compiled), the module that
+    evaluates, how their communication is synced, and the whole model to save."""
 
     def __init__(self, model: GPT, train_model: nn.Module, dist: DistInfo, sharded: bool):
         self.model = model              # names are what gpt2.load_model expects
@@ -134,27 +138,16 @@ class Parallel:
             else self.sharded
         return distributed.collective(self.dist) if talks else contextlib.nullcontext()
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, accumulation: int):
-        """Horovod averages gradients in the optimizer; everything else already has."""
-        if self.dist.launcher == "horovod":
-            return distributed.horovod_optimizer(optimizer, self.model, accumulation)
-        return optimizer
-
-    def my_batches(self, n: int) -> list[int]:
-        """This rank's share of ``n`` validation batches (every world_size-th). Every rank runs
-        as many (indices >= n are padding that counts zero): under FSDP the forward is a
-        collective, and the loop checks for a stop between batches, also a collective."""
-        ws, rank = self.dist.world_size, self.dist.rank
-        return list(range(rank, -(-n // ws) * ws, ws))
-
     def full_model(self) -> GPT:
         """The model to write: itself, or under FSDP a CPU copy of the gathered weights (on
         rank 0; a collective, so every rank calls it)."""
         if not self.sharded:
             return self.model
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, \
+            get_model_state_dict
 
-        sd = get_model_state_dict(self.model, options=_full_state_options())
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                       cpu_offload=True))
         if not self.dist.is_main:
             return self.model
         with torch.device("meta"):  # no second random initialisation of a large model
@@ -165,46 +158,6 @@ class Parallel:
         if missing:
             raise RuntimeError(f"FSDP gather did not return {missing[:3]}")
         return full
-
-    def optimizer_state(self, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-        """The optimizer state by parameter name; under FSDP gathered whole (a collective)."""
-        if not self.sharded:
-            return optim.optimizer_state(optimizer, self.model)
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        osd = get_optimizer_state_dict(self.model, optimizer, options=_full_state_options())
-        tensors, extra = {}, {}
-        for name, slots in osd.get("state", {}).items():
-            for key, value in slots.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
-                elif value is not None:
-                    extra[f"{name}/{key}"] = value
-        names = [n for g in osd.get("param_groups", []) for n in g["params"]]
-        return tensors, {"class": type(optimizer).__name__, "params": names, "extra": extra}
-
-    def load_optimizer_state(self, optimizer, tensors: dict[str, torch.Tensor], meta: dict
-                             ) -> str | None:
-        """Restore :meth:`optimizer_state`'s output; returns why it does not fit, or None."""
-        if not self.sharded:
-            return optim.load_optimizer_state(optimizer, self.model, tensors, meta)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, \
-            set_optimizer_state_dict
-
-        # Every rank read the whole file; each keeps its own shard of it.
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        if meta.get("class") != type(optimizer).__name__ or meta.get("params") != names:
-            return "it was saved for another optimizer or another set of trainable parameters"
-        state: dict[str, dict] = {}
-        for key, value in list(tensors.items()) + list(meta.get("extra", {}).items()):
-            name, _, slot = key.rpartition("/")
-            state.setdefault(name, {})[slot] = value
-        it = iter(names)
-        groups = [{**{k: v for k, v in g.items() if k != "params"},
-                   "params": [next(it) for _ in g["params"]]} for g in optimizer.param_groups]
-        set_optimizer_state_dict(self.model, optimizer, {"state": state, "param_groups": groups},
-                                 options=StateDictOptions(full_state_dict=True))
-        return None
 
 
 def parallelize(model: GPT, dist: DistInfo, *, fsdp: bool, compile: bool,
