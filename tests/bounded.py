@@ -39,7 +39,7 @@ STACK_ENV = {"PYTHONFAULTHANDLER": "1"}
 TAIL = 4000  # characters of a stuck process's output kept in the failure message
 
 
-# --- the process tree ------------------------------------------------------------------------------
+# --- the process tree -------------------------------------------------------------------------
 
 def _stats() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, session id) of every process (Linux /proc; empty elsewhere)."""
@@ -162,7 +162,7 @@ def kill_leftovers(spare: tuple[str, ...] = ("resource_tracker", "forkserver")) 
     return names
 
 
-# --- processes -------------------------------------------------------------------------------------
+# --- processes --------------------------------------------------------------------------------
 
 class Proc:
     """A process whose output is read as it comes, with a deadline on every wait.
@@ -298,7 +298,7 @@ class Proc:
 
 def run(cmd: list, *, timeout: float, cwd=None, env: dict | None = None,
         input: str | None = None, merge: bool = False) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True)`` whose wait ends: see :class:`Proc`."""
+    """``subprocess.run(cmd, capture_output=True, text=True)`` whose wait ends (:class:`Proc`)."""
     with Proc(cmd, cwd=cwd, env=env, input=input, merge=merge) as p:
         return p.finish(timeout)
 
@@ -320,7 +320,7 @@ def join(threads: list[threading.Thread], timeout: float) -> None:
                     pytrace=False)
 
 
-# --- torch.multiprocessing ---------------------------------------------------------------------------
+# --- torch.multiprocessing --------------------------------------------------------------------
 
 def _traced(rank: int, fn: Callable, *args) -> None:
     faulthandler.enable()  # a SIGABRT from stuck() prints this worker's Python stacks

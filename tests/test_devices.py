@@ -125,8 +125,9 @@ def test_a_registered_tpu_is_picked_like_any_accelerator(tmp_path):
 
     import bounded
 
+    src = str(runtime.__file__).rsplit("/gpt2/", 1)[0]
     done = bounded.run([sys.executable, "-c", TPU_PROCESS], timeout=120, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(runtime.__file__).rsplit("/gpt2/", 1)[0]})
+                       env={**os.environ, "PYTHONPATH": src})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 

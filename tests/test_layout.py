@@ -190,3 +190,38 @@ def test_every_device_choice_is_in_runtime():
                     isinstance(n.value, ast.Name) and n.value.id == "torch":
                 found.append(f"{name}:{n.lineno}: torch.{n.attr}")
     assert not found, "\n".join(found)
+
+
+def test_docstring_examples_import():
+    """Every ``from gpt2... import ...`` / ``import gpt2...`` line in a module's docstring runs
+    (a stale example is the first thing a newcomer copies)."""
+    import importlib
+    import re
+
+    bad = []
+    for name, path in modules().items():
+        doc = ast.get_docstring(tree(path)) or ""
+        for line in doc.splitlines():
+            m = re.match(r"\s*from (gpt2[\w.]*) import ([\w, ]+)$", line.split("#")[0].rstrip())
+            if not m:
+                continue
+            try:
+                module = importlib.import_module(m.group(1))
+            except ImportError:
+                bad.append(f"{name}: {line.strip()}")
+                continue
+            bad += [f"{name}: {line.strip()}" for n in m.group(2).split(",")
+                    if not hasattr(module, n.strip())]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_public_api_is_what_the_docstring_says():
+    import re
+
+    import gpt2
+
+    doc = gpt2.__doc__.split("The public API", 1)[1].split("Everything else", 1)[0]
+    listed = set(re.findall(r"``(\w+)``", doc)) - {"gpt2", "__all__"}
+    assert listed == set(gpt2.__all__)
+    for name in gpt2.__all__:
+        assert getattr(gpt2, name) is not None

@@ -6,6 +6,20 @@
     context = torch.tensor([enc.encode("Hello, my name is")])
     out = gpt2.sample_sequence(model, length=40, context=context, top_k=40, seed=0)
     print(enc.decode(out[0, context.size(1):].tolist()))
+
+The public API is what this package exports (``gpt2.__all__``), and it keeps its names and
+signatures from release to release:
+
+- models: ``GPT``, ``GPTConfig``, ``load_model``, ``save_model``, ``load_config``,
+  ``resolve_model_dir``, ``download_model``, ``export_huggingface``, ``export_release``;
+- tokenizers: ``get_encoder``, ``load_encoder``, ``Encoder``;
+- sampling: ``sample_sequence``, ``generate_batch``;
+- data: ``load_dataset``, ``Sampler``;
+- training and evaluation: ``TrainConfig``, ``train``, ``evaluate``;
+- errors: ``UserError`` (bad input, shown as one line by the commands).
+
+Everything else is reached through its module (``gpt2.model.token_loss``,
+``gpt2.runtime.pick_device``, ...; the map is DEVELOPERS.md) and may change between releases.
 """
 
 from .errors import UserError

@@ -1,6 +1,6 @@
 """Where and how a model runs: every device choice, the one precision vocabulary, autocast.
 
-    device = pick_device("auto")                  # this rank's accelerator if there is one, else cpu
+    device = pick_device("auto")                  # this rank's accelerator, else the cpu
     precision = resolve_precision("auto", device) # bf16 where the device has it, else fp32
     with autocast(device, precision):             # fp32: no autocast at all
         logits = model(tokens)
@@ -260,7 +260,8 @@ _M_MMAP_THRESHOLD = -3
 
 def return_large_frees(threshold: int = 4 << 20) -> bool:
     """Make glibc give blocks of ``threshold`` bytes or more back to the OS when freed (for a
-    long-lived CPU process whose big tensors keep changing size: the server's KV caches).
+    long-lived CPU process whose big buffers keep changing size: the server's KV caches, the
+    encoder's text pieces).
 
     By default glibc raises its mmap threshold as big blocks are freed, after which they come
     from the heap and its free space is kept: 64 streaming clients on 124M grew the server from

@@ -89,7 +89,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def check_fits(context_len: int, length: int, n_ctx: int) -> None:
+def check_length(context_len: int, length: int, n_ctx: int) -> None:
     """Raise ValueError unless a context of ``context_len`` tokens plus ``length`` new ones fit.
 
     The last sampled token is never fed back, so the model sees ``context_len + length - 1``
@@ -230,7 +230,7 @@ def decode(model: torch.nn.Module, context: torch.Tensor, length: int,
     model runs in eval mode and inference mode, with the CPU decode kernels, and is put back
     as it was. ``progress`` shows a tqdm bar (None: only when stderr is a terminal).
     """
-    check_fits(context.size(1), length, model.config.n_ctx)
+    check_length(context.size(1), length, model.config.n_ctx)
     check_params(temperature, top_k, top_p)
     rows = context.size(0)
     if length == 0:

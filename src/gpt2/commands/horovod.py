@@ -23,5 +23,4 @@ def main(argv: list[str] | None = None) -> int:
         import horovod.torch as hvd
     except ImportError:
         return train(cfg)  # torch.distributed from the launcher's environment
-    cfg.validate()
-    return train(cfg, distributed.init_horovod(hvd, cfg.device))
+    return train(cfg, join=lambda: distributed.init_horovod(hvd, cfg.device))

@@ -38,14 +38,9 @@ class Sampler:
     def _valid_starts(self, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(the chunks a window of ``length`` fits in, cumulative counts of their starts)."""
         if length not in self._starts:
+            check_window(self.chunks, length, self.name)
             lengths = self.chunks.lengths
             usable = np.flatnonzero(lengths >= length)
-            if len(usable) == 0:
-                longest = int(lengths.max()) if len(lengths) else 0
-                raise UserError(
-                    f"{self.name} has no document of at least {length} tokens (the longest "
-                    f"chunk has {longest}); use more or longer text, a larger --combine, "
-                    f"or a shorter window")
             self._starts[length] = (usable, np.cumsum(lengths[usable] - length + 1))
         return self._starts[length]
 
@@ -71,6 +66,17 @@ class Sampler:
     def load_state_dict(self, state: dict) -> None:
         # The rank stays this process's own: one saved state resumes every rank.
         self.seed, self.draws = int(state["seed"]), int(state["draws"])
+
+
+def check_window(chunks, length: int, name: str = "dataset") -> None:
+    """One line unless some chunk holds a whole window of ``length`` tokens (the model's n_ctx:
+    windows never cross a chunk boundary)."""
+    lengths = TokenChunks.of(chunks).lengths
+    longest = int(lengths.max()) if len(lengths) else 0
+    if longest < length:
+        raise UserError(f"{name} has no document of at least {length} tokens (the model's "
+                        f"n_ctx; the longest has {longest}); use more or longer text, or a "
+                        "larger --combine")
 
 
 def validation_batches(chunks, n_batches: int, batch_size: int, length: int,

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from .dataset import check_vocab, load_dataset
-from .sampler import validation_batches
+from .sampler import check_window, validation_batches
 from .tokens import TokenChunks
 
 
@@ -122,11 +122,7 @@ def training_data(dataset: str, val_dataset: str | None, encoder, n_vocab: int, 
     chunks = load_dataset(train_path, encoder, **read)
     check_vocab(chunks, n_vocab, train_path)
     _check_fingerprint(chunks, encoder, train_path, log)
-    longest = int(chunks.lengths.max())
-    if longest < n_ctx:
-        raise UserError(f"dataset {train_path} has no document of at least {n_ctx} tokens (the "
-                        f"model's n_ctx; the longest has {longest}); use more or longer text, "
-                        "or a larger --combine")
+    check_window(chunks, n_ctx, f"dataset {train_path}")  # early: before the model is built
     val_chunks = None
     if val_every:
         if val_path is not None:

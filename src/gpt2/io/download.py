@@ -5,7 +5,7 @@
     python download_model.py 124M --base_url https://my.mirror/gpt-2
     python download_model.py 774M --source huggingface    # config.json + model.safetensors + ...
 
-    from gpt2.download import download_model
+    from gpt2.io.download import download_model
     path = download_model("124M")                         # -> Path("models/124M")
 
 Unlike the original script this one survives bad networks: every file streams into

@@ -50,7 +50,8 @@ def load_config(model_dir: str | os.PathLike) -> GPTConfig:
     raise UserError(f"{model_dir / HPARAMS}: file not found")
 
 
-def build_model(config: GPTConfig, tensors: dict[str, torch.Tensor], where: Path) -> GPT:
+def model_from_tensors(config: GPTConfig, tensors: dict[str, torch.Tensor],
+                       where: Path) -> GPT:
     """Make a GPT from named tensors: every tensor used, every parameter filled, shapes checked."""
     if "lm_head.weight" in tensors:  # readers drop a tied head; one left here is not tied
         raise UserError(f"{where}: unexpected tensor 'lm_head.weight'; GPT-2 ties it to wte")
@@ -103,7 +104,7 @@ def load_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
     dtype = parse_dtype(dtype) or torch.float32
     config = load_config(model_dir)
     check_shapes(config, weight_shapes(model_dir), model_dir)  # before allocating anything
-    model = build_model(config, read_tensors(model_dir), model_dir)
+    model = model_from_tensors(config, read_tensors(model_dir), model_dir)
     model.to(device=device or "cpu", dtype=dtype)
     return model.eval()
 

@@ -1,14 +1,19 @@
-"""The model a run starts from: pretrained or fresh weights, dropout, LoRA adapters, frozen parts.
+"""The model a run trains: pretrained or fresh weights, dropout, LoRA adapters, frozen parts,
+then wrapped for the run (activation checkpointing, DDP/FSDP, compile) on its device.
 
-    model, lora_base = build_model(cfg, source, config, seed, log=print)
+    model = build_training_model(cfg, start, dist, log=print)
+    model.parallel.train_model(x, targets=y)       # see gpt2.train.parallelize
+    model.lora_base                                 # the LoRA base's path, or None
 
 A LoRA run's checkpoints hold the merged weights (a plain model directory) plus ``adapter/``;
 resuming puts that adapter back on the original base, so the run continues exactly where it
-stopped. ``lora_base`` is that base's path (None without LoRA).
+stopped.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,8 +24,13 @@ from ..io.model_dir import load_model
 from ..lora import (apply_lora, count_trainable, load_lora, merged_model, parse_targets,
                     read_lora_config, save_lora)
 from ..model import GPT, GPTConfig, set_dropout
+from ..runtime import backend_of, collective_backend, resolve_precision
+from . import memory
+from .distributed import DistInfo
+from .parallelize import Parallel, parallelize, parse_blocks
 from .config import TrainConfig
-from .run_dir import Source
+from .run_dir import StartPoint
+from .start import Start
 
 
 def freeze_non_transformer(model: GPT) -> None:
@@ -36,7 +46,7 @@ def _pretrained(path, dropout: float | None) -> GPT:
     return model
 
 
-def _attach_lora(model: GPT, cfg: TrainConfig, source: Source, seed: int,
+def _attach_lora(model: GPT, cfg: TrainConfig, source: StartPoint, seed: int,
                  log: Callable) -> tuple[GPT, str]:
     adapter = source.model_dir / "adapter"
     if source.resume and (adapter / "lora.json").is_file():
@@ -59,7 +69,7 @@ def _attach_lora(model: GPT, cfg: TrainConfig, source: Source, seed: int,
     return model, base
 
 
-def build_model(cfg: TrainConfig, source: Source, config: GPTConfig, seed: int,
+def starting_model(cfg: TrainConfig, source: StartPoint, config: GPTConfig, seed: int,
                 log: Callable) -> tuple[GPT, str | None]:
     """The model to train, on the CPU, and the LoRA base it adapts (None without LoRA)."""
     if source.fresh_init:
@@ -84,3 +94,73 @@ def lora_checkpoint(model: GPT, lora_base: str) -> tuple[GPT, Callable[[Path], N
         save_lora(model, checkpoint / "adapter", base_model=lora_base)
 
     return merged_model(model), write_adapter
+
+
+@dataclass
+class TrainingModel:
+    """The model as this run trains it, and the choices that shaped it."""
+
+    parallel: Parallel      # the GPT, its wrapped/compiled training module, its whole copy
+    lora_base: str | None   # LoRA: the base model the adapters sit on
+    precision: str          # fp32, bf16 or fp16 (resolved from --precision for the device)
+    compiled: bool
+    checkpointed: list[int]  # blocks that recompute their activations (--memory_saving_*)
+    loss_chunk: int
+
+    def describe(self, cfg: TrainConfig, dist: DistInfo) -> list[str]:
+        """The lines printed once everything is built: the model, and the batch across ranks."""
+        model, world = self.parallel.model, dist.world_size
+        seq_len = model.config.n_ctx
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lines = [f"Model: {model.num_params():,} parameters ({n_train:,} trainable); "
+                 f"{dist.device}, {self.precision}, {cfg.optimizer}, batch {cfg.batch_size} x "
+                 f"{cfg.accumulate_gradients} x {seq_len} tokens"
+                 + (", compiled" if self.compiled else "")
+                 + (f", checkpointing {len(self.checkpointed)} blocks" if self.checkpointed
+                    else "")]
+        if not dist.enabled:
+            if cfg.fsdp:
+                lines.append("note: --fsdp has no effect in a one-process run (nothing to "
+                             "shard across)")
+            return lines
+        windows = cfg.batch_size * world * cfg.accumulate_gradients
+        lines.append(f"Distributed: {world} processes ({dist.launcher}, "
+                     f"{'FSDP' if self.parallel.sharded else 'DDP'}, "
+                     f"{collective_backend(dist.device)}); effective batch {cfg.batch_size} x "
+                     f"{world} ranks x {cfg.accumulate_gradients} accumulation = {windows} "
+                     f"windows = {windows * seq_len:,} tokens per update")
+        lines.append(f"note: --learning_rate {cfg.learning_rate:g} applies to the gradient "
+                     "averaged over the whole effective batch; it is not scaled with the number "
+                     f"of processes. Scale it by hand if you want (e.g. x{world} linear or "
+                     f"x{math.sqrt(world):.2f} square-root rule).")
+        return lines
+
+
+def memory_summary(cfg: TrainConfig, config: GPTConfig, device: torch.device, precision: str,
+                   checkpointed: int, world_size: int) -> str:
+    """The memory estimate's line; UserError with advice when the run clearly cannot fit."""
+    summary = memory.check_fits(
+        config, cfg.batch_size, precision, cfg.optimizer, device,
+        cfg.only_train_transformer_layers, checkpointed, config.n_ctx, cfg.skip_memory_check,
+        fsdp_world_size=world_size if cfg.fsdp else 1, chunked_loss=cfg.loss_chunk > 0)
+    return (f"Memory estimate ({device.type}, {precision}, batch {cfg.batch_size} x "
+            f"{config.n_ctx}): {summary}")
+
+
+def build_training_model(cfg: TrainConfig, start: Start, dist: DistInfo,
+                         log: Callable[[str], None]) -> TrainingModel:
+    """Check that the run fits (before anything large is allocated), load or initialise the
+    weights, and wrap them for this run on its device."""
+    precision = resolve_precision(cfg.precision, dist.device)
+    try:
+        blocks = (parse_blocks(cfg.memory_saving_blocks, start.config.n_layer)
+                  if cfg.memory_saving_gradients else [])
+    except ValueError as e:
+        raise UserError(f"--memory_saving_blocks: {e}") from None
+    log(memory_summary(cfg, start.config, dist.device, precision, len(blocks), dist.world_size))
+    model, lora_base = starting_model(cfg, start.point, start.config, start.seed, log)
+    compiled = cfg.compile if cfg.compile is not None else \
+        backend_of(dist.device).compile_by_default
+    parallel = parallelize(model.to(dist.device).train(), dist, fsdp=cfg.fsdp, compile=compiled,
+                           checkpoint_blocks=blocks)
+    return TrainingModel(parallel, lora_base, precision, compiled, blocks, cfg.loss_chunk)

@@ -161,3 +161,47 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
                              options=StateDictOptions(full_state_dict=sharded))
     return None
+
+
+class Optimization:
+    """What one update does after the backward: the optimizer (Horovod's averaging one under
+    ``train-horovod.py``), its learning-rate schedule, the fp16 gradient scaler and clipping.
+
+        opt = Optimization(cfg, model, dist, precision)
+        lr = opt.start_update(step)          # zero the gradients, set this update's rate
+        opt.backward(loss)                    # scaled under fp16
+        opt.finish_update()                   # unscale, clip, step, update the scaler
+    """
+
+    def __init__(self, cfg, model: nn.Module, dist, precision: str):
+        from . import distributed
+
+        self.cfg, self.model = cfg, model
+        self.optimizer = distributed.wrap_optimizer(
+            build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay), model,
+            dist, cfg.accumulate_gradients)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
+
+    def start_update(self, step: int) -> float:
+        """Before update number ``step`` (1-based): fresh gradients, the schedule's rate."""
+        cfg = self.cfg
+        lr = lr_at(step, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def skip_update(self) -> None:
+        """A non-finite loss: drop the gradients, change nothing."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finish_update(self) -> None:
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            # After DDP's all-reduce every rank clips the same averaged gradient (FSDP: the norm
+            # of the full gradient is computed across shards).
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()

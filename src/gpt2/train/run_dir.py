@@ -55,7 +55,7 @@ CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state
 
 
 @dataclass
-class Source:
+class StartPoint:
     """Where the weights come from and whether the trainer state comes with them."""
 
     model_dir: Path        # hparams.json + encoder files (+ weights unless fresh_init)
@@ -175,26 +175,26 @@ class RunDir:
             return ckpts[-1][1]
         return self.path if is_checkpoint(self.path) else None
 
-    def source(self, restore_from: str, overwrite: bool, init: str, model_name: str,
-               models_dir: str, model_dir: str | None) -> Source:
+    def start_point(self, restore_from: str, overwrite: bool, init: str, model_name: str,
+                    models_dir: str, model_dir: str | None) -> StartPoint:
         """What ``--restore_from`` (and the model flags) say to start from."""
-        def base() -> Source:
+        def base() -> StartPoint:
             found = resolve_model_dir(model_name, models_dir, model_dir)
             if init == "pretrained" and not has_weights(found) and (found / HPARAMS).is_file():
                 raise UserError(f"{found} holds hparams.json but no weights; add --init fresh "
                                 "to train a new model from it")
-            return Source(found, resume=False, fresh_init=init == "fresh")
+            return StartPoint(found, resume=False, fresh_init=init == "fresh")
 
         if restore_from == "latest":
             ckpt = self.latest()
-            return Source(ckpt, True, False) if ckpt is not None else base()
+            return StartPoint(ckpt, True, False) if ckpt is not None else base()
         if restore_from == "fresh":
             if self.checkpoints() and not overwrite:
                 raise UserError(f"{self.path} already holds checkpoints; --restore_from fresh "
                                 "would replace them: add --overwrite, or pick another --run_name")
             return base()
         path = _restore_arg_dir(restore_from)
-        return Source(path, resume=is_checkpoint(path), fresh_init=False)
+        return StartPoint(path, resume=is_checkpoint(path), fresh_init=False)
 
     # -- saving
 
@@ -306,3 +306,16 @@ class RunDir:
         write_text(self.samples / f"samples-{step}", "\n".join(formatted), encoding=encoding,
                    errors="replace")
         return formatted
+
+
+def space_warning(model: torch.nn.Module, optimizer: str, run_dir: Path) -> str | None:
+    """Said early: the disk will not hold a checkpoint (weights + optimizer state), about."""
+    slots = {"adam": 2, "adamw": 2, "sgd": 0, "adafactor": 0.1}[optimizer]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = int(weights * (1 + slots)) + (1 << 20)
+    free = shutil.disk_usage(run_dir).free
+    if free >= needed:
+        return None
+    return (f"warning: {run_dir} has {free / 1e6:.0f} MB free, but a checkpoint of this run "
+            f"needs about {needed / 1e6:.0f} MB: saves will fail; free some space or pick "
+            "another --checkpoint_dir")

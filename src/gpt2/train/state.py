@@ -14,6 +14,7 @@ import base64
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,6 +57,28 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     set_device_rng_state({kind: [_unb64(s) for s in state[kind]]
                           for kind in BACKENDS if kind != "cpu" and kind in state})
+
+
+def seed_globals(seed: int) -> None:
+    """Same seed, same run: dropout and anything else drawing from the global RNGs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def restore_rngs(state: dict, rank: int, world: int, noise_rng: np.random.Generator,
+                 log: Callable[[str], None]) -> None:
+    """Each rank's own RNGs when the run resumes on as many ranks as it was saved from;
+    otherwise rank 0's, and the other ranks keep the streams they were seeded with."""
+    ranks = state.get("ranks") or [{k: state[k] for k in ("noise_rng", "rng") if k in state}]
+    if len(ranks) != world:
+        log(f"note: the checkpoint was saved by {len(ranks)} process(es), this run has {world}: "
+            "weights, optimizer, step and data position resume, per-rank random streams restart")
+    own = ranks[rank] if len(ranks) == world else (ranks[0] if rank == 0 else {})
+    if "noise_rng" in own:
+        noise_rng.bit_generator.state = own["noise_rng"]
+    if "rng" in own:
+        set_rng_state(own["rng"])
 
 
 def is_checkpoint(path: Path) -> bool:
