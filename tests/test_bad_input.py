@@ -126,3 +126,26 @@ def test_a_dangling_link_in_a_dataset_directory_is_one_line(tmp_path):
     code, err, _ = run(["encode", "--model_dir", str(m), str(data), str(tmp_path / "o.bin")])
     assert code == 1 and err.strip() == f"error: {data / 'gone.txt'}: a link to a file that " \
                                         "does not exist"
+
+
+def test_a_fresh_model_too_deep_is_refused_fast_and_too_wide_says_how_much(tmp_path,
+                                                                          monkeypatch):
+    """--init fresh has no weight files to check the hparams against: the memory estimate
+    refuses n_layer 1e5 (linear in depth: it took 64 s), and with --skip_memory_check the
+    allocation that fails is one line saying what it asked for and what the run needs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "data.txt").write_text(synthetic_text(500))
+    deep = make_model_dir(tmp_path / "deep", n_layer=100000)
+    train = ["train", "--dataset", "data.txt", "--init", "fresh", "--max_steps", "1"]
+    code, err, seconds = run(train + ["--model_dir", str(deep)])
+    assert code == 1 and err.startswith("error: this run needs about") and seconds < 2, \
+        (seconds, err)
+    assert len(err.strip().splitlines()) == 1
+    wide = make_model_dir(tmp_path / "wide", n_embd=10**9, n_head=1)
+    code, err, _ = run(train + ["--model_dir", str(wide), "--skip_memory_check"])
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: out of memory on cpu: an allocation of ") and \
+        "GB failed; this run needs about" in lines[0] and "--skip_memory_check" in lines[0]
+    assert not list((tmp_path / "checkpoint").rglob("model-*"))

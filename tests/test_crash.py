@@ -211,6 +211,30 @@ def test_no_space_in_the_middle_of_a_save_removes_what_it_wrote(setup, small_dis
     assert list((small_disk / "run1").iterdir()) == []
 
 
+@pytest.mark.parametrize("what", ["encode", "dataset cache"])
+def test_disk_full_while_encoding_is_one_line_and_leaves_nothing(setup, small_disk, what):
+    """encode.py's output, or the dataset cache train.py encodes into, on a full disk: one
+    line (it was a traceback: numpy's tofile says 'N requested and M written', no errno)."""
+    tmp, data, model_dir = setup
+    big = tmp / "big.txt"
+    big.write_text(synthetic_text(400_000))  # ~2.4M byte-level tokens: 4.8 MB, 1.5 MB of room
+    if what == "encode":
+        argv = ["-m", "gpt2", "encode", "--model_dir", str(model_dir), str(big),
+                str(small_disk / "out.bin")]
+        extra = {}
+    else:
+        argv = ["-c", KILLER, *args(big, model_dir, max_steps=1)]
+        extra = {"GPT2_CACHE": str(small_disk / "cache"), "KILL_STEP": "-1", "KILL_AT": "0"}
+    proc = bounded.run([sys.executable, *argv], cwd=tmp, env=env(tmp, **extra), timeout=120)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("encoding ")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    m = re.fullmatch(r"error: \S+: no space left on device \(needs about (\d+) MB, \d+ MB "
+                     r"free\)", lines[-1])
+    assert m and len(lines) == 1, lines  # (above it: the progress bar)
+    assert 3 <= int(m.group(1)) <= 8  # 2.4M two-byte tokens
+    assert [p for p in small_disk.rglob("*") if p.is_file()] == []
+
+
 # --- one run per directory ------------------------------------------------------------------
 
 def test_a_second_run_on_one_directory_is_refused_and_a_stale_lock_taken_over(setup):
@@ -255,6 +279,35 @@ def test_ctrl_c_in_a_long_validation_stops_within_a_batch_and_saves(setup):
     assert time.time() - t0 < 10  # not the ~100000 batches
     assert "Saving checkpoint/run1/model-0" in out
     assert (tmp / "checkpoint/run1/model-0/model.safetensors").is_file()
+
+
+TWO_CTRL_C = """
+import os, signal, subprocess, sys, torch
+from gpt2.train.loop import StopRequest
+torch.set_num_threads(1)
+b = torch.randn(5000, 5000)
+with StopRequest() as stop:
+    pid = os.getpid()
+    kills = "; sleep 0.3; ".join([f"kill -INT {pid}"] * int(sys.argv[1]))
+    subprocess.Popen(["sh", "-c", f"sleep 0.3; {kills}"])
+    try:
+        for _ in range(3):
+            b @ b  # long kernels: the signals land inside one, Python's handler runs once after
+        print("saving", stop.requested)
+    except KeyboardInterrupt:
+        print("aborted")
+"""
+
+
+@pytest.mark.parametrize("presses,says", [(1, "saving True"), (2, "aborted")])
+def test_a_second_ctrl_c_aborts_even_inside_one_long_computation(tmp_path, presses, says):
+    """Two Ctrl-Cs that arrive while one kernel runs (a validation batch of a big model) reach
+    Python's handler as one call; the trainer counts the signals that arrived, so the second
+    still aborts, as README says (two sent at the same instant are one signal: the kernel
+    merges them before any process can count them)."""
+    done = bounded.run([sys.executable, "-c", TWO_CTRL_C, str(presses)], cwd=tmp_path,
+                       env=env(tmp_path), timeout=120)
+    assert done.stdout.strip() == says, done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("command", ["encode", "train"])

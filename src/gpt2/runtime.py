@@ -233,6 +233,24 @@ def set_device_rng_state(states: dict[str, list[torch.Tensor]]) -> None:
         module.set_rng_state(saved[0])
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError on an accelerator, or the CPU
+    allocator's RuntimeError ("can't allocate memory")."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def failed_allocation(e: BaseException) -> str | None:
+    """How much the failed allocation asked for, as the allocator said it (None: unsaid)."""
+    import re
+
+    m = re.search(r"tried to allocate (\d+) bytes", str(e), re.IGNORECASE)
+    if m:
+        return f"{int(m.group(1)) / 1e9:.2f} GB"
+    m = re.search(r"tried to allocate ([\d.]+ [KMGT]i?B)", str(e), re.IGNORECASE)
+    return m.group(1) if m else None
+
+
 def max_memory_allocated(device: torch.device) -> int | None:
     """Bytes: the allocator's peak since :func:`reset_peak_memory`; None on the CPU."""
     return None if device.type == "cpu" else torch.accelerator.max_memory_allocated(device)

@@ -47,7 +47,8 @@ class _ChunkWriter:
         self.need_sep = False
 
     def write(self, arr: np.ndarray) -> None:
-        arr.tofile(self.f)
+        # (not arr.tofile: a full disk there is "N requested and M written", no errno)
+        self.f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
         self.n_tokens += len(arr)
 
     def close_chunk(self) -> None:
@@ -99,6 +100,14 @@ class _Outputs:
         self.dtype = token_dtype(encoder.n_vocab)
         self.indexes: list[dict] = []
         self.f: BinaryIO | None = None
+        self.seen = self.encoded = 0  # input bytes handed to the writer, and their tokens
+
+    def needed(self, total: int) -> int:
+        """Bytes all the output takes, about: the tokens of the input encoded so far, scaled
+        up to the whole input (before any: ~4 bytes of text per token, GPT-2's average)."""
+        if not self.seen:
+            return total * self.dtype.itemsize // 4
+        return self.encoded * self.dtype.itemsize * total // self.seen
 
     def path(self, j: int) -> Path:
         return self.out if self.prefix is None else self.out / f"{self.prefix}-{j:05d}.bin"
@@ -131,12 +140,20 @@ class _Outputs:
                  "chunk_table": encode_chunk_table(np.array(w.chunks, dtype=np.int64))}
         index_path(path).unlink(missing_ok=True)  # never a new .bin beside an old index
         publish(self.tmp, path)
-        write_text(index_path(path), json.dumps(index, indent=1))
+        try:
+            write_text(index_path(path), json.dumps(index, indent=1))
+        except BaseException:
+            path.unlink(missing_ok=True)  # a .bin without its index is not a token file
+            raise
         self.indexes.append(index)
 
     def abort(self) -> None:
         if self.f is not None:
-            self.f.close()
+            try:
+                self.f.close()  # flushing may fail too (the disk is full): the file goes anyway
+            except OSError:
+                pass
+            self.f = None
             self.tmp.unlink(missing_ok=True)
 
 
@@ -150,6 +167,8 @@ def _write_all(outputs: _Outputs, parts: list[Part], encoder, opts: ReadOptions,
               smoothing=0.1) as bar:
         for task, arrays in encoded(parts, encoder, opts, workers, backend, warn_empty,
                                     outputs.dtype):
+            outputs.seen += task.nbytes
+            outputs.encoded += sum(len(a) for a in arrays)
             if task.chunks is not None:
                 for arr in arrays:
                     outputs.w.add_chunk(arr, encoder.n_vocab, task.source)
@@ -185,16 +204,16 @@ def encode_parts(parts: list[Part], out: Path, encoder, combine: int = 50000,
             "sources": [Source.of(p).record() for p in sources]}
     outputs = _Outputs(Path(out), encoder, combine, meta, shard_tokens, prefix)
     outputs.open()
+    total = sum(s.stat().st_size for s in sources)
     try:
         _write_all(outputs, parts, encoder, opts, workers or default_workers(), backend, quiet,
-                   label or Path(out).name, sum(s.stat().st_size for s in sources))
+                   label or Path(out).name, total)
         outputs.finish()
     except BaseException as e:
         outputs.abort()
-        if is_no_space(e):  # ~4 bytes of text per token
-            needed = sum(s.stat().st_size for s in sources) * outputs.dtype.itemsize // 4
-            raise UserError(no_space_message(outputs.path(len(outputs.indexes)), needed)
-                            ) from None
+        if is_no_space(e):
+            raise UserError(no_space_message(outputs.path(len(outputs.indexes)),
+                                             outputs.needed(total))) from None
         raise
     if not outputs.indexes:
         what = str(label or out)

@@ -401,6 +401,21 @@ def read_vocab_json(path: str | os.PathLike) -> dict[str, int]:
     return vocab
 
 
+def check_merges(vocab: dict[str, int], merges: Sequence[tuple[str, str]],
+                 merges_path: str | os.PathLike, vocab_path: str | os.PathLike) -> None:
+    """Every merge joins two tokens of the vocabulary into a third: one line naming the first
+    that does not (such a file encodes into ids nobody trained, or fails on some text)."""
+    for a, b in merges:
+        missing = next((t for t in (a, b, a + b) if t not in vocab), None)
+        if missing is None:
+            continue
+        lines = _read_text(Path(merges_path)).split("\n")
+        n = next((i for i, line in enumerate(lines, 1) if line.split() == [a, b]), "?")
+        what = "the token it makes" if missing == a + b else "the symbol"
+        raise UserError(f"{merges_path}: line {n}: merge {a + ' ' + b!r}: {what} {missing!r} "
+                        f"is not in {Path(vocab_path).name} (vocabulary and merges do not match)")
+
+
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     """vocab.bpe / merges.txt: an optional ``#version`` line, then one ``a b`` merge per line."""
     path = Path(path)

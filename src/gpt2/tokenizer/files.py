@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..io.atomic import copy_file
 from ..io.paths import follow_run_dir, resolve_model_dir
-from .bpe import Encoder, read_merges, read_vocab_json
+from .bpe import Encoder, check_merges, read_merges, read_vocab_json
 from .sentencepiece import SentencePieceEncoder
 
 # Which files make up an encoder, by format, in the order load_encoder looks for them.
@@ -85,7 +85,9 @@ def load_encoder(model_dir: str | os.PathLike) -> Encoder | SentencePieceEncoder
     if fmt == "sentencepiece":
         enc = SentencePieceEncoder(paths[0])
     else:
-        enc = Encoder(read_vocab_json(paths[0]), read_merges(paths[1]), source=str(paths[0]))
+        vocab, merges = read_vocab_json(paths[0]), read_merges(paths[1])
+        check_merges(vocab, merges, paths[1], paths[0])
+        enc = Encoder(vocab, merges, source=str(paths[0]))
     enc.fingerprint = encoder_fingerprint(model_dir)
     return enc
 

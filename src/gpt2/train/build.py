@@ -24,7 +24,7 @@ from ..io.model_dir import load_model
 from ..lora import (apply_lora, count_trainable, load_lora, merged_model, parse_targets,
                     read_lora_config, save_lora)
 from ..model import GPT, GPTConfig, set_dropout
-from ..runtime import backend_of, collective_backend, resolve_precision
+from ..runtime import backend_of, collective_backend, failed_allocation, resolve_precision
 from . import memory
 from .distributed import DistInfo
 from .parallelize import Parallel, parallelize, parse_blocks
@@ -134,6 +134,27 @@ class TrainingModel:
                      f"of processes. Scale it by hand if you want (e.g. x{world} linear or "
                      f"x{math.sqrt(world):.2f} square-root rule).")
         return lines
+
+
+def out_of_memory_message(e: BaseException, cfg: TrainConfig, config: GPTConfig,
+                          device: torch.device, world_size: int) -> str:
+    """One line for an allocation that failed: what it asked for, what the run needs about."""
+    precision = resolve_precision(cfg.precision, device)
+    est = memory.estimate_memory(
+        config, cfg.batch_size, precision="fp32" if precision == "fp32" else "bf16",
+        optimizer=cfg.optimizer, activation_checkpointing=config.n_layer
+        if cfg.memory_saving_gradients else 0, fsdp_world_size=world_size if cfg.fsdp else 1,
+        trainable="transformer" if cfg.only_train_transformer_layers else "all",
+        chunked_loss=cfg.loss_chunk > 0)
+    asked = failed_allocation(e)
+    return (f"out of memory on {device}: " + (f"an allocation of {asked} failed; " if asked
+                                              else "")
+            + f"this run needs about {memory.human(int(est.peak * memory.HEADROOM))} "
+            f"(batch {cfg.batch_size} x {config.n_ctx}, {precision})"
+            + memory.memory_advice(est, precision, cfg.memory_saving_gradients, cfg.batch_size,
+                                   cfg.optimizer)
+            + ("; without --skip_memory_check the run is refused before it starts"
+               if cfg.skip_memory_check else ""))
 
 
 def memory_summary(cfg: TrainConfig, config: GPTConfig, device: torch.device, precision: str,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -35,16 +36,16 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..runtime import autocast, pick_device
+from ..runtime import autocast, is_out_of_memory, pick_device
 from ..tokenizer.files import load_encoder
 from . import distributed, optim
 from .batches import TextBatches
-from .build import build_training_model, lora_checkpoint
+from .build import build_training_model, lora_checkpoint, out_of_memory_message
 from .config import TrainConfig
 from .distributed import DistInfo
 from .evaluation import Validation, training_samples
 from .run_dir import RunDir, RunLock, space_warning
-from .start import plan_start
+from .start import Start, plan_start
 from .state import read_optimizer, restore_rngs, rng_state, seed_globals
 from .tensorboard import TensorBoardLog
 
@@ -52,14 +53,34 @@ MAX_NONFINITE = 10  # consecutive skipped steps before giving up
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM once: finish the current step, save, exit 0. Ctrl-C twice: abort now."""
+    """Ctrl-C / SIGTERM once: finish the current step, save, exit 0. Ctrl-C twice: abort now.
+
+    Signals are counted as they arrive, not as Python's handler runs: two Ctrl-Cs pressed while
+    the main thread is inside one long kernel (a validation batch) reach the handler as one
+    call, and would otherwise count once (the process's wakeup fd receives a byte for each).
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self._interrupts = 0
         self._old: dict[int, object] = {}
+        self._wakeup: tuple[int, int] | None = None
+        self._old_wakeup = -1
+
+    def _arrived(self, signum: int) -> int:
+        """How many SIGINTs arrived since the last call (at least this one, for ``signum``)."""
+        count = 0
+        if self._wakeup is not None:
+            try:
+                while chunk := os.read(self._wakeup[0], 512):
+                    count += chunk.count(bytes([signal.SIGINT]))
+            except BlockingIOError:
+                pass
+        return max(count, int(signum == signal.SIGINT))
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        self._interrupts += self._arrived(signum)
+        if self._interrupts >= 2 or (self.requested and signum == signal.SIGINT):
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort "
@@ -70,12 +91,22 @@ class StopRequest:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
-                pass
+                return self
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wakeup = (r, w)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
 
 
 @dataclass
@@ -119,6 +150,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.run_dir = RunDir(cfg.checkpoint_dir, cfg.samples_dir, cfg.run_name)
         self.tb: TensorBoardLog | None = None
+        self.start: Start | None = None      # set first thing by setup()
         self.last_saved: int | None = None   # the step of this run's newest checkpoint
         self.replaced_old_run = False        # --restore_from fresh --overwrite: done once
 
@@ -175,21 +207,31 @@ class Trainer:
                 if self.run_dir.clean_leftovers():
                     self.log("removed the temporary files of a save that did not finish")
             self.setup()
-            if self.is_main:
-                self.run_dir.truncate_metrics(self.progress.step)
-                warning = space_warning(self.model.parallel.model, self.cfg.optimizer,
-                                        self.run_dir.path)
-                if warning:
-                    self.log(warning)
-                if self.cfg.wants_tensorboard:
-                    self.tb = TensorBoardLog(self.cfg.tensorboard_dir
-                                             or self.run_dir.path / "tensorboard",
-                                             self.progress.step)
+            self.open_outputs()
             return self.loop()
+        except Exception as e:
+            if not is_out_of_memory(e) or self.start is None:
+                raise
+            # (--skip_memory_check, or an estimate that fell short): one line, how much
+            raise UserError(out_of_memory_message(e, self.cfg, self.start.config,
+                                                  self.dist.device, self.dist.world_size)
+                            ) from None
         finally:
             if self.tb:
                 self.tb.close()
             lock.release()
+
+    def open_outputs(self) -> None:
+        """Rank 0: metrics from a resumed step on are rewritten; the disk's room; TensorBoard."""
+        if not self.is_main:
+            return
+        self.run_dir.truncate_metrics(self.progress.step)
+        warning = space_warning(self.model.parallel.model, self.cfg.optimizer, self.run_dir.path)
+        if warning:
+            self.log(warning)
+        if self.cfg.wants_tensorboard:
+            self.tb = TensorBoardLog(self.cfg.tensorboard_dir or self.run_dir.path / "tensorboard",
+                                     self.progress.step)
 
     # -- the loop ------------------------------------------------------------------------------
 

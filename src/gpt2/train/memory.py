@@ -30,6 +30,7 @@ Options, as the training flags name them:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -132,15 +133,17 @@ def estimate_memory(config: GPTConfig, batch_size: int, seq_len: int | None = No
     if not 1 <= T <= config.n_ctx:
         raise ValueError(f"seq_len must be in 1..{config.n_ctx}, got {T}")
     E, L, N, W = config.n_embd, config.n_layer, batch_size * T, fsdp_world_size
-    shapes = param_shapes(config)
-    n_params = sum(_numel(s) for s in shapes.values())
-    train_shapes = [s for name, s in shapes.items()
-                    if trainable == "all" or name.startswith("h.")]
-    n_train = sum(_numel(s) for s in train_shapes)
-    n_block = sum(_numel(s) for name, s in shapes.items() if name.startswith("h.0."))
-    n_root = n_params - L * n_block  # wte, wpe, ln_f: FSDP's root unit
+    # One block's shapes, counted n_layer times: linear in depth (a hostile n_layer of 1e5
+    # is refused in milliseconds, not after walking 1.2M parameters).
+    shapes = param_shapes(dataclasses.replace(config, n_layer=1))
+    block = [s for name, s in shapes.items() if name.startswith("h.")]
+    root = [s for name, s in shapes.items() if not name.startswith("h.")]
+    n_block, n_root = sum(map(_numel, block)), sum(map(_numel, root))  # root: wte, wpe, ln_f
+    n_params = n_root + L * n_block
+    n_train = L * n_block + (n_root if trainable == "all" else 0)
     params, grads = n_params * 4 // W, n_train * 4 // W  # fp32 master weights
-    opt = optimizer_bytes(train_shapes, optimizer) // W
+    opt = (L * optimizer_bytes(block, optimizer) +
+           (optimizer_bytes(root, optimizer) if trainable == "all" else 0)) // W
 
     # A checkpointed block keeps only its input; one block at a time is recomputed in backward.
     block_act = _block_activations(config, N, precision)
@@ -159,13 +162,13 @@ def estimate_memory(config: GPTConfig, batch_size: int, seq_len: int | None = No
 
     # Phase 1, forward + backward: walk backward from the last block; each block's activations
     # are freed as its gradients appear. The head's transient exists only at the start.
-    per_block = [ckpt_act if i < n_ckpt else block_act for i in range(L)]
     block_grads = n_block * 4 // W
     root_grads = n_root * 4 // W if trainable == "all" else 0
-    worst = 0
-    for done in range(L + 1):
-        alive = activations - sum(per_block[L - done:])
-        worst = max(worst, alive + root_grads + done * block_grads
+    worst, freed = 0, 0
+    for done in range(L + 1):  # blocks L-1, L-2, ... (the checkpointed ones come last)
+        if done:
+            freed += ckpt_act if L - done < n_ckpt else block_act
+        worst = max(worst, activations - freed + root_grads + done * block_grads
                     + (head if done == 0 else recompute))
     fwd_bwd = params + opt + autocast_copies + gathered + worst
     # Phase 2, optimizer step: every gradient, the state and the update's scratch.
@@ -211,6 +214,8 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def human(n: int) -> str:
+    if n >= 1e6 * GB:  # a hostile hparams.json: the size, not thirty digits of it
+        return f"{n / GB:.3g} GB"
     return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 1024**2:.0f} MB"
 
 
