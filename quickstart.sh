@@ -18,7 +18,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "Installing torch==2.13.0"
     .venv/bin/python -m pip install -q torch==2.13.0
 fi
-if ! .venv/bin/python -c "import gpt2.commands.quickstart" 2>/dev/null; then
+if ! .venv/bin/python -c "import gpt2.commands.quickstart, jinja2" 2>/dev/null; then
     echo "Installing gpt2 (pip install -e .)"
     .venv/bin/python -m pip install -q -e .
 fi

@@ -28,7 +28,8 @@ PROSE = ("The quick brown fox jumps over the lazy dog. It's 3:14 p.m. -- naïve 
          "can't stop  double  spaces,\n\ttabs and emoji 🙂 from appearing in 1,234,567 documents!"
          "<|endoftext|>A second document starts here.")
 HF_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt",
-            "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
+            "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+            "chat_template.jinja"}
 
 
 def hf_logits(path: Path, x: torch.Tensor) -> torch.Tensor:

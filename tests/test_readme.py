@@ -11,11 +11,11 @@ from gpt2.train.config import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLES = ("### Flags of the original `train.py`", "### Added flags",
-          "## Distributed training")
+          "### Instruction and chat fine-tuning", "## Distributed training")
 
 
 def train_flag_rows() -> list[tuple[str, str]]:
-    """(flag, default cell) for every flag in README's three train.py flag tables."""
+    """(flag, default cell) for every flag in README's train.py flag tables."""
     text = README.read_text(encoding="utf-8")
     rows = []
     for heading in TABLES:

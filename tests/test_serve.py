@@ -407,3 +407,126 @@ def test_the_server_gives_big_freed_blocks_back():
     is_set, mapped, given_back = run(SET="1")
     assert is_set == "True" and mapped >= 59 and given_back == pytest.approx(60, abs=10)
     assert run(SET="1", MALLOC_MMAP_THRESHOLD_="131072")[0] == "False"  # the user's wins
+
+
+# --- chat completions ---------------------------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "Hi."}, {"role": "user", "content": "the"},
+        {"role": "assistant", "content": "was"}, {"role": "user", "content": "so"}]
+
+
+def expected_reply(model_dir, messages, max_tokens: int) -> tuple[str, int]:
+    """The greedy reply computed in-process, through gpt2.conversation (gpt2 chat's code)."""
+    from gpt2.conversation import prompt_ids, reply
+    from gpt2.io.model_dir import load_model
+    from gpt2.io.paths import find_model_dir
+    from gpt2.tokenizer import load_encoder
+    from gpt2.tokenizer.chat import ChatTemplate
+
+    checkpoint = find_model_dir(model_dir)
+    model, enc = load_model(checkpoint), load_encoder(checkpoint)
+    template = ChatTemplate.load(checkpoint)
+    ids, _ = prompt_ids(template, enc, messages, model.config.n_ctx, max_tokens)
+    text, _ = reply(model, enc, ids, max_tokens, temperature=0)
+    return template.content_of(text), len(ids)
+
+
+def test_chat_completions_with_the_openai_client(server, model_dir):
+    client = server.client()
+    want, prompt_tokens = expected_reply(model_dir, CHAT, 12)
+    r = client.chat.completions.create(model="m", messages=CHAT, max_tokens=12, temperature=0)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == want
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert choice.finish_reason in ("stop", "length")
+    # streamed: the same reply in deltas, the role first, a finish reason last
+    chunks = list(client.chat.completions.create(model="m", messages=CHAT, max_tokens=12,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    # n with a seed: reproducible; logprobs in the chat shape
+    body = dict(model="m", messages=CHAT[1:2], max_tokens=6, temperature=1.0, seed=5, n=3,
+                logprobs=True, top_logprobs=2)
+    a, b = client.chat.completions.create(**body), client.chat.completions.create(**body)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    content = a.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    # max_completion_tokens (the newer name) and the developer role
+    r = client.chat.completions.create(model="m", max_completion_tokens=3, temperature=0,
+                                       messages=[{"role": "developer", "content": "x"},
+                                                 {"role": "user", "content": "the city"}])
+    assert r.usage.completion_tokens <= 3
+
+
+CHAT_BAD = [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x" * 60}], "max_tokens": 10}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+]
+
+
+def test_bad_chat_requests_are_4xx_and_the_server_keeps_serving(server):
+    for body, param in CHAT_BAD:
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "m", **body},
+                       timeout=30)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.text)
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4", messages=CHAT)
+    r = server.client().chat.completions.create(model="m", messages=CHAT, max_tokens=2)
+    assert r.choices[0].message.role == "assistant"
+
+
+@pytest.mark.skipif(CHROMIUM is None or not os.path.exists("/usr/bin/chromedriver"),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_the_playground_chats_in_headless_chromium(model_dir):
+    """Chat mode: two turns through /v1/chat/completions, each reply streamed into the page
+    equal to the API's greedy reply for the same conversation."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s = Server(model_dir)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options,
+                              service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    try:
+        driver.get(s.url + "/")
+        find = lambda i: driver.find_element(By.ID, i)  # noqa: E731
+        find("mode_chat").click()
+        assert find("chat").is_displayed() and find("generate").text == "Send"
+        for field, value in (("temperature", "0"), ("max_tokens", "8")):
+            find(field).clear()
+            find(field).send_keys(value)
+        messages = []
+        for n, said in enumerate(("the", "so"), 1):
+            find("prompt").send_keys(said)
+            find("generate").click()
+            WebDriverWait(driver, 60).until(
+                lambda d: find("status").text.startswith("done") and
+                len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == n)
+            shown = find("reply").get_attribute("textContent")
+            messages.append({"role": "user", "content": said})
+            expected = s.client().chat.completions.create(
+                model="m", messages=messages, max_tokens=8, temperature=0).choices[0].message
+            assert shown == expected.content, (n, shown, expected.content)
+            messages.append({"role": "assistant", "content": shown})
+        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".user")] == ["the", "so"]
+    finally:
+        driver.quit()
+        s.stop()

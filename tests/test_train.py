@@ -201,8 +201,8 @@ def test_training_equals_transformers_on_the_same_weights_and_batches(
             group["lr"] = lr
         opt.zero_grad()
         micro = []
-        for inputs, targets in drawn[2 * step - 2:2 * step]:
-            loss = hf(input_ids=inputs, labels=targets).loss
+        for batch in drawn[2 * step - 2:2 * step]:
+            loss = hf(input_ids=batch.inputs, labels=batch.targets).loss
             (loss / 2).backward()
             micro.append(loss.item())
         if clip:

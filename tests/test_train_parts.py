@@ -83,7 +83,9 @@ def test_text_batches_draw_noisy_windows_and_resume_exactly(data, model_dir):
     start = start_of(cfg)
     encoder = load_encoder(model_dir)
     batches = TextBatches.load(cfg, encoder, start, ONE, lambda *a: None)
-    inputs, targets = batches.next()
+    batch = batches.next()
+    inputs, targets = batch.inputs, batch.targets
+    assert batch.segments is None  # windows of text: one sequence per row
     assert inputs.shape == targets.shape == (3, 32) and batches.tokens == 3 * 32
     text = data.read_text()
     assert all(encoder.decode(row.tolist()) in text for row in targets)  # whole windows
@@ -94,8 +96,8 @@ def test_text_batches_draw_noisy_windows_and_resume_exactly(data, model_dir):
     again = TextBatches.load(cfg, encoder, start, ONE, lambda *a: None)
     again.sampler.load_state_dict(state)
     again.noise_rng.bit_generator.state = noise
-    for a, b in zip(batches.next(), again.next()):
-        assert torch.equal(a, b)
+    a, b = batches.next(), again.next()
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
 
 
 def test_optimization_follows_the_schedule_clips_and_skips(data, model_dir):
@@ -125,7 +127,7 @@ def test_validation_is_the_mean_batch_loss_and_stops_within_a_pass(data, model_d
     gpt = model.parallel.model
     with torch.no_grad():
         gpt.eval()
-        expected = np.mean([lm_loss(gpt(torch.from_numpy(b)), torch.from_numpy(b)).item()
+        expected = np.mean([lm_loss(gpt(b.inputs), b.targets).item()
                             for b in batches.val_batches])
         gpt.train()
     assert validation.run(Stop()) == pytest.approx(expected, abs=1e-5)

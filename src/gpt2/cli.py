@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "write a model as a Hugging Face or OpenAI release directory"),
     "plot": ("gpt2.commands.plot", "plot a run's training and validation loss"),
     "lora": ("gpt2.commands.lora", "merge a LoRA adapter into a plain model directory"),
+    "chat": ("gpt2.commands.chat", "talk to a model in the terminal, through its chat template"),
     "serve": ("gpt2.commands.serve", "serve a model over OpenAI's completions API"),
     "quickstart": ("gpt2.commands.quickstart",
                    "the README's demo: tokenizer + small GPT-2 on pydoc text"),

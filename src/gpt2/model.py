@@ -134,6 +134,19 @@ class Attention(nn.Module):
         return (self.resid_drop(y) if self.training else y), present
 
 
+def _segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (counted from each segment's start) and the [B, 1, T, T] attention mask of
+    packed sequences: causal, and within a segment only."""
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    return index - first, same & causal
+
+
 def _extend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """cached [B, H, S, D] followed by new [B, H, T, D] along the sequence.
 
@@ -232,7 +245,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
-                      use_cache: bool = True, key_mask: torch.Tensor | None = None
+                      use_cache: bool = True, key_mask: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, list[LayerPast]]:
         """Final layer-normed states [B, T, n_embd] and the new cache (one (k, v) per layer).
 
@@ -243,10 +257,19 @@ class GPT(nn.Module):
         ``key_mask`` [B, past + T] (bool, True for a real token) lets rows of different lengths
         share one cache: each row's padding is left out of attention, and its positions count
         its own tokens only.
+
+        ``segments`` [B, T] (ints, each segment a contiguous run) packs several sequences in a
+        row: a token attends only to earlier tokens of its own segment, and positions restart
+        at 0 at each segment's start, so every sequence is computed as if it were alone.
         """
         B, T = tokens.shape
         past_len = 0 if past is None else past[0][0].size(2)
-        if key_mask is None:
+        if segments is not None:
+            if past is not None or key_mask is not None:
+                raise ValueError("segments= packs whole sequences: past and key_mask do not "
+                                 "apply to it")
+            positions, mask = _segment_layout(segments)
+        elif key_mask is None:
             if past_len + T > self.config.n_ctx:
                 raise ValueError(f"sequence of {past_len + T} tokens is longer than n_ctx "
                                  f"({self.config.n_ctx})")
@@ -274,7 +297,7 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
                 use_cache: bool = False, last_only: bool = False,
                 targets: torch.Tensor | None = None, loss_chunk: int = 0,
-                key_mask: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, n_vocab]; with use_cache, also the new cache.
 
         ``last_only`` computes the logits of the last position only ([B, 1, n_vocab]): all a
@@ -285,19 +308,20 @@ class GPT(nn.Module):
         :func:`token_loss` of the final states, inside the forward that DDP, FSDP and
         torch.compile wrap. ``loss_chunk`` > 0 computes it ``loss_chunk`` rows at a time, never
         holding [B, T, n_vocab] logits. With ``targets``, ``past``, ``use_cache``,
-        ``last_only`` and ``key_mask`` do not apply and are refused. ``key_mask``: see
+        ``last_only`` and ``key_mask`` do not apply and are refused. ``key_mask`` and
+        ``segments`` (sequences packed in a row, for a loss or logits): see
         :meth:`hidden_states`.
         """
         if targets is not None:
             if past is not None or use_cache or last_only or key_mask is not None:
                 raise ValueError("targets= computes the training loss over whole sequences: "
                                  "past, use_cache, last_only and key_mask do not apply to it")
-            h, _ = self.hidden_states(tokens, use_cache=False)
+            h, _ = self.hidden_states(tokens, use_cache=False, segments=segments)
             return token_loss(h, self.lm_head.weight, next_token_targets(targets),
                               chunk=loss_chunk)
         if loss_chunk:
             raise ValueError("loss_chunk applies to the loss only (pass targets=)")
-        h, present = self.hidden_states(tokens, past, use_cache, key_mask)
+        h, present = self.hidden_states(tokens, past, use_cache, key_mask, segments)
         logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, present) if use_cache else logits
 

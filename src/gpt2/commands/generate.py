@@ -112,8 +112,50 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output file: .jsonl for JSON lines, else text with ==================== "
                         "delimiters (default: stdout)")
+    p.add_argument("--chat", action="store_true",
+                   help="--prompts holds chats ({\"messages\": [...]} per line): write the "
+                        "assistant's reply to each, through the model's chat template, ending "
+                        "at <|endoftext|>")
+    p.add_argument("--chat_template", default=None, metavar="FILE",
+                   help="with --chat: a Jinja chat template (default: the model's, else "
+                        "gpt2's own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     return p
+
+
+def read_chats(path: str) -> list[list[dict]]:
+    """--chat --prompts FILE: the messages of each record (a .jsonl/.json/.parquet of chats)."""
+    from ..data.examples import parse_messages, records
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--prompts {file}: file not found")
+    chats = [parse_messages(r.get("messages") if isinstance(r, dict) else None, where,
+                            "messages") for r, where in records(file)]
+    if not chats:
+        raise UserError(f"--prompts {file}: no chats in the file")
+    return chats
+
+
+def _write_replies(write, model, enc, chats: list[list[dict]], length: int, args, generator,
+                   settings: dict, bar) -> None:
+    from ..conversation import prompt_ids, reply
+    from ..tokenizer.chat import ChatTemplate
+
+    template = ChatTemplate.from_file(args.chat_template) if args.chat_template else \
+        ChatTemplate.load(settings["model"])
+    jsonl = args.out is not None and Path(args.out).suffix == ".jsonl"
+    for messages in chats:
+        ids, dropped = prompt_ids(template, enc, messages, model.config.n_ctx, length)
+        for index in range(args.nsamples):
+            text, reason = reply(model, enc, ids, length, args.temperature, args.top_k,
+                                 args.top_p, generator)
+            record = {"messages": messages, "reply": template.content_of(text),
+                      "finish_reason": reason,
+                      "dropped_turns": dropped, "index": index, "settings": settings}
+            write(json.dumps(record, ensure_ascii=False) + "\n" if jsonl else
+                  record["reply"] + "\n" + DELIMITER + "\n")
+            bar.update(1)
 
 
 def _write_samples(write, model, enc, prompts: list[str], conditional: bool, length: int,
@@ -146,9 +188,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{flag} must be >= 1, got {value}")
     check_sampling_flags(args)
     args.stop = [unescape(s) for s in args.stop]
-    prompts = args.prompt + (read_prompts(args.prompts) if args.prompts else [])
+    if args.chat and (args.prompt or not args.prompts):
+        raise UserError("--chat reads chats from --prompts FILE (one {\"messages\": [...]} per "
+                        "record); --prompt is for plain text")
+    if args.chat and args.stop:
+        raise UserError("--stop does not apply to --chat (a reply ends at <|endoftext|>)")
+    chats = read_chats(args.prompts) if args.chat else None
+    prompts = args.prompt + (read_prompts(args.prompts) if args.prompts and not chats else [])
     conditional = bool(prompts)
-    prompts = prompts or [""]
+    prompts = chats if chats is not None else (prompts or [""])
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name")
@@ -170,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                disable=None if out is not None else True)  # not over samples on stdout
 
     def run(write) -> None:
-        _write_samples(write, model, enc, prompts, conditional, length, args, generator,
-                       settings, bar)
+        if chats is not None:
+            _write_replies(write, model, enc, chats, length, args, generator, settings, bar)
+        else:
+            _write_samples(write, model, enc, prompts, conditional, length, args, generator,
+                           settings, bar)
 
     if out is None:
         run(lambda s: (sys.stdout.write(s), sys.stdout.flush()))

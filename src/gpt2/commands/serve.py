@@ -23,8 +23,9 @@ from .common import load_for_sampling
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt2 serve", formatter_class=HelpFormatter,
-                       description="Serve a model over OpenAI's completions API, with "
-                                   "batching, streaming and a playground page at /.")
+                       description="Serve a model over OpenAI's completions and chat "
+                                   "completions APIs, with batching, streaming and a "
+                                   "playground page at /.")
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="model directory (ours, a run, release or Hugging Face) or a released name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
@@ -41,6 +42,9 @@ def build_parser() -> ArgumentParser:
                    help="dtype of the weights")
     p.add_argument("--served_name", default=None,
                    help="the model's name in the API (default: the directory's name)")
+    p.add_argument("--chat_template", default=None, metavar="FILE",
+                   help="the Jinja chat template of /v1/chat/completions (default: the "
+                        "model's chat_template.jinja, else gpt2's own)")
     return p
 
 
@@ -69,9 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{model_dir}: the tokenizer has no <|endoftext|> token")
     given = expand(args.model_dir)  # a run's name, not the model-N it points at now
     name = args.served_name or (given.resolve() if given.is_dir() else model_dir).name
+    from ..tokenizer.chat import ChatTemplate
+
+    template = ChatTemplate.from_file(args.chat_template) if args.chat_template else \
+        ChatTemplate.load(model_dir)
+    template.compiled  # a broken template: one line before the server starts
     engine = Engine(model, enc, max_batch=args.max_batch, max_queue=args.max_queue)
     engine.start()
-    app = build_app(engine, enc, name, api_key=args.api_key or os.environ.get("GPT2_API_KEY"))
+    app = build_app(engine, enc, name, api_key=args.api_key or os.environ.get("GPT2_API_KEY"),
+                    template=template)
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} ({device}, "
           f"{args.precision}, batches of up to {args.max_batch})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -189,4 +189,9 @@ def export_huggingface(model: torch.nn.Module, out_dir: str | os.PathLike,
             "content": EOT, "lstrip": False, "rstrip": False, "normalized": True,
             "single_word": False, "special": True}}
     write_json(out / "tokenizer_config.json", tokenizer_config)
+    # The chat template the model was trained with (else gpt2's own, which every command here
+    # uses for it): transformers reads chat_template.jinja beside the tokenizer.
+    from ..tokenizer.chat import ChatTemplate
+
+    ChatTemplate.load(encoder_dir).save(out)
     return out

@@ -162,3 +162,86 @@ def logprobs_object(entries: list, text_offset: int = 0) -> dict:
         out["text_offset"].append(offset)
         offset += len(e["token"])
     return out
+
+
+# --- chat completions ----------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's new "system"
+
+
+def _message_text(content, index: int) -> str:
+    """A message's content: a string, or OpenAI's list of parts (text parts only)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        raise ApiError(400, f"messages[{index}].content: only text parts are supported",
+                       f"messages[{index}].content")
+    raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts",
+                   f"messages[{index}].content")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects",
+                       "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of "
+                                f"{', '.join(CHAT_ROLES)}", f"messages[{i}].role")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _message_text(m.get("content"), i)})
+    return out
+
+
+def parse_chat(body, model_name: str, n_ctx: int, encoder, template) -> CompletionRequest:
+    """``/v1/chat/completions``: the messages rendered by the model's chat template with the
+    assistant's prompt after them; the reply ends at ``<|endoftext|>`` (finish_reason stop)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for name, neutral in (("tools", None), ("tool_choice", None), ("functions", None),
+                          ("function_call", None), ("audio", None), ("prediction", None)):
+        if body.get(name, neutral) not in (neutral, [], "none"):
+            raise ApiError(400, f"{name} is not supported by this server", name)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported",
+                       "response_format")
+    if not isinstance(body.get("logprobs", False), bool):
+        raise ApiError(400, "logprobs must be true or false", "logprobs")
+    top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if top is not None and not body.get("logprobs"):
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    messages = chat_messages(body)
+    if body.get("echo") is not None:
+        raise ApiError(400, "echo is not a chat completions field", "echo")
+    given = body.get("max_completion_tokens", body.get("max_tokens"))
+    legacy = {k: v for k, v in body.items() if k not in (
+        "messages", "logprobs", "top_logprobs", "max_completion_tokens", "max_tokens", "tools",
+        "tool_choice", "functions", "function_call", "response_format", "audio", "prediction",
+        "modalities", "store", "metadata", "parallel_tool_calls", "service_tier")}
+    legacy["max_tokens"] = given if given is not None else min(n_ctx, 256)
+    if body.get("logprobs"):
+        legacy["logprobs"] = top or 0
+    try:
+        ids, _ = template.encode(messages, encoder, add_generation_prompt=True)
+    except Exception as e:  # the template refused the conversation (raise_exception, ...)
+        raise ApiError(400, f"the chat template cannot render these messages: {e}",
+                       "messages") from None
+    legacy["prompt"] = ids
+    req = parse_completion(legacy, model_name, n_ctx, encoder)
+    req.prompt_texts = [encoder.decode(ids)]
+    return req
+
+
+def chat_logprobs(entries: list) -> dict:
+    """OpenAI's chat logprobs: for each token its log-probability, bytes and top alternatives."""
+    def item(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**item(e["token"], e["logprob"]),
+                         "top_logprobs": [item(t, v) for t, v in (e["top"] or {}).items()]}
+                        for e in entries]}

@@ -1,8 +1,9 @@
-"""The HTTP server: OpenAI's completions API over :class:`~gpt2.serve.engine.Engine`, on
-Starlette (``pip install 'gpt2[serve]'``).
+"""The HTTP server: OpenAI's completions and chat completions APIs over
+:class:`~gpt2.serve.engine.Engine`, on Starlette (``pip install 'gpt2[serve]'``).
 
-    app = build_app(engine, encoder, model_name="run1", api_key=None)
-    # GET /health, GET /v1/models, POST /v1/completions (stream: server-sent events), GET /
+    app = build_app(engine, encoder, model_name="run1", api_key=None, template=template)
+    # GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream:
+    # server-sent events), GET / (the playground)
 
 Every refused request is a 4xx with OpenAI's error body; a client that hangs up mid-stream
 frees its rows at the engine's next step; bodies and the queue are bounded (413, 429).
@@ -24,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .api import ApiError, CompletionRequest, logprobs_object, parse_completion
+from .api import (ApiError, CompletionRequest, chat_logprobs, logprobs_object, parse_chat,
+                  parse_completion)
 from .engine import Busy, Choice, Engine, Params
 
 MAX_BODY = 1 << 20  # bytes
@@ -69,18 +71,23 @@ class _Stream:
 class Completions:
     """POST /v1/completions."""
 
+    prefix, object_name = "cmpl-", "text_completion"
+
     def __init__(self, engine: Engine, encoder, model_name: str, max_body: int = MAX_BODY):
         self.engine, self.enc, self.model_name, self.max_body = \
             engine, encoder, model_name, max_body
 
+    def parse(self, body) -> CompletionRequest:
+        return parse_completion(body, self.model_name, self.engine.n_ctx, self.enc)
+
     async def handle(self, request: Request):
         try:
             body = await read_json(request, self.max_body)
-            req = parse_completion(body, self.model_name, self.engine.n_ctx, self.enc)
+            req = self.parse(body)
             streams = self._start(req)
         except ApiError as e:
             return error_response(e)
-        meta = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
+        meta = {"id": self.prefix + secrets.token_hex(12), "object": self.object_name,
                 "created": int(time.time()), "model": self.model_name}
         if req.stream:
             return StreamingResponse(self._sse(req, streams, meta), media_type="text/event-stream",
@@ -135,11 +142,13 @@ class Completions:
             else:
                 raise ApiError(500, rest[0], type="server_error")
         prefix, prefix_entries = self._prefix(req, index, prompt_entries)
-        logprobs = None
-        if req.params.logprobs is not None:
-            logprobs = logprobs_object(prefix_entries + entries)
-        return {"text": prefix + text, "index": index, "logprobs": logprobs,
-                "finish_reason": finish}
+        return self.choice(req, index, prefix + text, prefix_entries + entries, finish)
+
+    def choice(self, req: CompletionRequest, index: int, text: str, entries: list,
+               finish: str | None, first: bool = False) -> dict:
+        """One choice of a response (or, streaming, a chunk's: ``first`` is the first)."""
+        logprobs = logprobs_object(entries) if req.params.logprobs is not None else None
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
     def _usage(self, req: CompletionRequest, streams: list[_Stream]) -> dict:
         prompt = sum(len(p) for p in req.prompts)
@@ -148,10 +157,12 @@ class Completions:
                 "total_tokens": prompt + completion}
 
     async def _sse(self, req: CompletionRequest, streams: list[_Stream], meta: dict):
+        started = set()
+
         def chunk(index: int, text: str, entries, finish) -> str:
-            logprobs = logprobs_object(entries) if req.params.logprobs is not None else None
-            body = {**meta, "choices": [{"text": text, "index": index, "logprobs": logprobs,
-                                         "finish_reason": finish}]}
+            body = {**meta, "choices": [self.choice(req, index, text, entries, finish,
+                                                    first=index not in started)]}
+            started.add(index)
             return f"data: {json.dumps(body)}\n\n"
 
         merged: asyncio.Queue = asyncio.Queue()
@@ -184,6 +195,38 @@ class Completions:
                 t.cancel()
 
 
+class ChatCompletions(Completions):
+    """POST /v1/chat/completions: the conversation through the model's chat template; the reply
+    ends at <|endoftext|> (how gpt2's template ends an assistant turn)."""
+
+    prefix, object_name = "chatcmpl-", "chat.completion"
+
+    def __init__(self, engine: Engine, encoder, model_name: str, template,
+                 max_body: int = MAX_BODY):
+        super().__init__(engine, encoder, model_name, max_body)
+        self.template = template
+        self.unprefixed: set[int] = set()  # streamed choices whose reply prefix is dropped
+
+    def parse(self, body) -> CompletionRequest:
+        req = parse_chat(body, self.model_name, self.engine.n_ctx, self.enc, self.template)
+        if req.stream:
+            self.object_name = "chat.completion.chunk"
+        return req
+
+    def choice(self, req: CompletionRequest, index: int, text: str, entries: list,
+               finish: str | None, first: bool = False) -> dict:
+        logprobs = chat_logprobs(entries) if req.params.logprobs is not None else None
+        if not req.stream:
+            return {"index": index, "logprobs": logprobs, "finish_reason": finish,
+                    "message": {"role": "assistant", "content": self.template.content_of(text)}}
+        if text and index not in self.unprefixed:  # the template's " " before the content
+            text = self.template.content_of(text)
+            self.unprefixed.add(index)
+        delta = {"role": "assistant", "content": text} if first else \
+            ({"content": text} if text else {})
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
 async def _forward(index: int, source: asyncio.Queue, merged: asyncio.Queue) -> None:
     while True:
         event = await source.get()
@@ -193,7 +236,7 @@ async def _forward(index: int, source: asyncio.Queue, merged: asyncio.Queue) -> 
 
 
 def build_app(engine: Engine, encoder, model_name: str, api_key: str | None = None,
-              max_body: int = MAX_BODY) -> Starlette:
+              max_body: int = MAX_BODY, template=None) -> Starlette:
     page = resources.files(__package__).joinpath("playground.html").read_text(encoding="utf-8")
     page = page.replace("__MODEL__", json.dumps(model_name)).replace(
         "__KEY_NEEDED__", "true" if api_key else "false")
@@ -214,6 +257,8 @@ def build_app(engine: Engine, encoder, model_name: str, api_key: str | None = No
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/completions", Completions(engine, encoder, model_name, max_body).handle,
                     methods=["POST"]),
+              Route("/v1/chat/completions", _chat_handler(engine, encoder, model_name,
+                                                          template, max_body), methods=["POST"]),
               Route("/", playground)]
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -225,6 +270,19 @@ def build_app(engine: Engine, encoder, model_name: str, api_key: str | None = No
     if api_key:
         app.add_middleware(_ApiKey, key=api_key)
     return app
+
+
+def _chat_handler(engine: Engine, encoder, model_name: str, template, max_body: int):
+    """A fresh ChatCompletions per request (its object name depends on the request)."""
+    if template is None:
+        from ..tokenizer.chat import ChatTemplate
+
+        template = ChatTemplate.default()
+
+    async def handle(request: Request):
+        return await ChatCompletions(engine, encoder, model_name, template, max_body).handle(
+            request)
+    return handle
 
 
 class _ApiKey:

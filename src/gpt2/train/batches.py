@@ -1,23 +1,28 @@
-"""A run's training batches: windows of its corpus, ``--noise`` on the inputs, on its device.
+"""A run's training batches, on its device: windows of a text corpus (with ``--noise``), or
+instruction and chat examples (answers learned, packed without cross-talk), resumable.
 
-    batches = TextBatches.load(cfg, encoder, start, dist, log)   # encodes/reads the data once
-    inputs, targets = batches.next()                             # [batch, n_ctx] each
-    batches.val_batches                                          # fixed validation windows
-    batches.sampler.state_dict(), batches.noise_rng              # what a checkpoint keeps
+    batches = load_batches(cfg, encoder, template, start, dist, log)   # reads/encodes once
+    batch = batches.next()                    # Batch(inputs, targets, segments)
+    batches.val_batches                       # fixed validation Batches
+    batches.state_dict(), batches.noise_rng   # what a checkpoint keeps
 
-Each rank draws its own windows (the sampler's stream is told apart by rank). Another kind of
-training data (examples with a loss mask, packed) is another class with the same ``next``.
+Each rank draws its own windows or examples. Both kinds have the same ``next`` and state: the
+training loop does not ask which it has.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ..data.examples import IGNORE, Example, ExampleSet, dataset_format, load_examples
 from ..data.sampler import Sampler, add_noise
-from ..data.splits import TrainingData, training_data
+from ..data.splits import TrainingData, find_corpus_splits, training_data
+from ..errors import UserError
 from . import distributed
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -43,9 +48,14 @@ class TextBatches:
     the targets are the window itself (the model shifts them), the inputs the window with each
     token replaced by a random id with probability ``noise``."""
 
+    sample_prompts = None  # training samples start from <|endoftext|>
+
     def __init__(self, data: TrainingData, batch_size: int, n_ctx: int, n_vocab: int,
                  noise: float, seed: int, dist: DistInfo):
-        self.data, self.val_batches = data, data.val_batches
+        self.data = data
+        self.val_batches = [Batch(torch.from_numpy(np.asarray(b, dtype=np.int64)),
+                                  torch.from_numpy(np.asarray(b, dtype=np.int64)))
+                            for b in data.val_batches]
         self.batch_size, self.n_ctx, self.n_vocab, self.noise = batch_size, n_ctx, n_vocab, noise
         self.device = dist.device
         self.sampler = Sampler(data.train, seed=seed, rank=dist.rank,
@@ -65,8 +75,208 @@ class TextBatches:
         """Tokens per batch."""
         return self.batch_size * self.n_ctx
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> Batch:
         batch = np.asarray(self.sampler.sample_batch(self.batch_size, self.n_ctx), dtype=np.int64)
         targets = torch.from_numpy(batch).to(self.device)
         inputs = torch.from_numpy(add_noise(batch, self.noise, self.noise_rng, self.n_vocab))
-        return inputs.to(self.device), targets
+        return Batch(inputs.to(self.device), targets)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+@dataclass
+class Batch:
+    """What one forward of the training model takes: token rows, what each position predicts
+    (-100: nothing), and for packed examples which example each token belongs to."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.inputs.to(device), self.targets.to(device),
+                     None if self.segments is None else self.segments.to(device))
+
+
+def pack_rows(examples: list[Example], n_ctx: int, packing: bool) -> list[list[Example]]:
+    """Rows of examples in order: as many as fit in ``n_ctx`` tokens each, or one each."""
+    rows: list[list[Example]] = []
+    room = 0
+    for example in examples:
+        if packing and rows and len(example) <= room:
+            rows[-1].append(example)
+            room -= len(example)
+        else:
+            rows.append([example])
+            room = n_ctx - len(example)
+    return rows
+
+
+def collate(rows: list[list[Example]], width: int, pad: int) -> Batch:
+    """Rows of examples -> one Batch ``width`` tokens wide; padding is its own segment (-1),
+    attends only to padding and is never a target."""
+    inputs = np.full((len(rows), width), pad, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    segments = np.full((len(rows), width), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, example in enumerate(row):
+            inputs[r, at:at + len(example)] = example.ids
+            targets[r, at:at + len(example)] = example.targets
+            segments[r, at:at + len(example)] = s
+            at += len(example)
+    return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(segments))
+
+
+class ExampleBatches:
+    """Instruction/chat examples in shuffled epochs, packed into ``n_ctx`` rows (each example
+    attending only to itself, positions from 0: gpt2.model's ``segments``) or one per row padded
+    to the longest of its batch. Each rank takes every world_size-th example of an epoch's
+    order; the state (epoch, position) resumes the same stream exactly."""
+
+    def __init__(self, train: ExampleSet, val: ExampleSet | None, cfg: TrainConfig, n_ctx: int,
+                 n_vocab: int, eot: int, seed: int, dist: DistInfo):
+        if len(train.examples) < dist.world_size:
+            raise UserError(f"{len(train.examples)} examples cannot be shared by "
+                            f"{dist.world_size} processes")
+        self.examples, self.val, self.chats = train.examples, val, train.chats
+        self.batch_size, self.n_ctx, self.n_vocab, self.pad = cfg.batch_size, n_ctx, n_vocab, eot
+        self.packing = cfg.packing is not False
+        self.noise, self.seed, self.rank, self.world = cfg.noise, seed, dist.rank, dist.world_size
+        self.device = dist.device
+        self.epoch = self.position = 0
+        self._order = self.order(0)
+        self.noise_rng = np.random.default_rng([seed, 1] if dist.is_main else
+                                               [seed, 1, dist.rank])
+        self.val_batches = self._val_batches(cfg) if val is not None else []
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's examples in ``epoch``: a permutation of all, every world-th of it."""
+        perm = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.examples))
+        return perm[self.rank::self.world]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.n_ctx
+
+    def steps_per_epoch(self, accumulate: int) -> int:
+        """Updates in one epoch (every rank: from the whole of epoch 0's rows)."""
+        perm = np.random.default_rng([self.seed, 2, 0]).permutation(len(self.examples))
+        rows = len(pack_rows([self.examples[i] for i in perm], self.n_ctx, self.packing))
+        per_update = self.batch_size * accumulate * self.world
+        return max(1, -(-rows // per_update))
+
+    def _peek(self) -> Example:
+        """The next example of the stream (the next epoch's first at an epoch's end)."""
+        if self.position == len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self.order(self.epoch)
+        return self.examples[self._order[self.position]]
+
+    def _take(self) -> Example:
+        example = self._peek()
+        self.position += 1
+        return example
+
+    def next(self) -> Batch:
+        rows = []
+        for _ in range(self.batch_size):
+            row = [self._take()]
+            room = self.n_ctx - len(row[0])
+            while self.packing and len(self._peek()) <= room:
+                row.append(self._take())
+                room -= len(row[-1])
+            rows.append(row)
+        width = self.n_ctx if self.packing else max(sum(map(len, r)) for r in rows)
+        batch = collate(rows, width, self.pad)
+        if self.noise:
+            batch.inputs = torch.from_numpy(add_noise(batch.inputs.numpy(), self.noise,
+                                                      self.noise_rng, self.n_vocab))
+        return batch.to(self.device)
+
+    def _val_batches(self, cfg: TrainConfig) -> list[Batch]:
+        rows = pack_rows(self.val.examples, self.n_ctx, self.packing)
+        rows = rows[:cfg.val_batch_count * cfg.val_batch_size]
+        return [collate(rows[i:i + cfg.val_batch_size], self.n_ctx if self.packing else
+                        max(sum(map(len, r)) for r in rows[i:i + cfg.val_batch_size]), self.pad)
+                for i in range(0, len(rows), cfg.val_batch_size)]
+
+    def sample_prompts(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, reference answer ids) of the first ``n`` held-out examples (training
+        ones without validation): everything before the last learned run, and that run."""
+        out = []
+        for example in (self.val or ExampleSet(self.examples, "")).examples[:n]:
+            learned = np.flatnonzero(example.targets != IGNORE)
+            start = int(learned[-1])
+            while start - 1 in set(learned.tolist()):
+                start -= 1
+            out.append((example.ids[:start].tolist(), example.ids[start:].tolist()))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self.order(self.epoch)
+
+
+def _held_out(examples: ExampleSet, fraction: float) -> tuple[ExampleSet, ExampleSet]:
+    """Whole examples held out for validation: a fixed, seeded choice of ``fraction`` of them."""
+    n = len(examples.examples)
+    k = int(round(n * fraction))
+    if not 0 < k < n:
+        raise UserError(f"--val_fraction {fraction} of {n} examples leaves nothing to "
+                        f"{'validate on' if k == 0 else 'train on'}")
+    held = set(np.random.default_rng(1).permutation(n)[:k].tolist())
+    train = [e for i, e in enumerate(examples.examples) if i not in held]
+    val = [e for i, e in enumerate(examples.examples) if i in held]
+    return ExampleSet(train, examples.fmt, examples.chats), ExampleSet(val, examples.fmt,
+                                                                       examples.chats)
+
+
+def load_example_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
+                         log: Callable[[str], None]) -> ExampleBatches:
+    """The run's examples (a directory's train/ and valid/, --val_dataset, or held-out
+    --val_fraction of them), fitted into n_ctx and batched."""
+    n_ctx = start.config.n_ctx
+    read = dict(encoder=encoder, template=template, n_ctx=n_ctx, fmt=cfg.data_format,
+                train_on_prompt=cfg.train_on_prompt, drop_long=cfg.drop_long)
+    train_path, val_path = cfg.dataset, cfg.val_dataset
+    splits = find_corpus_splits(cfg.dataset) if os.path.isdir(cfg.dataset) else None
+    if splits:
+        train_path = str(splits["train"])
+        val_path = val_path or (str(splits["valid"]) if splits.get("valid") else None)
+    log("Loading examples...")
+    train = load_examples(train_path, **read)
+    log(train.describe(f"dataset {train_path}"))
+    val = None
+    if cfg.val_every:
+        if val_path is not None:
+            val = load_examples(val_path, **read)
+            log(val.describe(f"validation dataset {val_path}"))
+        elif cfg.val_fraction > 0:
+            train, val = _held_out(train, cfg.val_fraction)
+            log(f"validation: holding out {len(val.examples):,} of "
+                f"{len(train.examples) + len(val.examples):,} examples")
+        else:
+            val = train
+            log("validation uses the training examples (set --val_dataset or --val_fraction "
+                "to hold some out)")
+    return ExampleBatches(train, val, cfg, n_ctx, start.config.n_vocab, encoder.eot_token,
+                          start.seed, dist)
+
+
+def load_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
+                 log: Callable[[str], None]) -> TextBatches | ExampleBatches:
+    """Windows of text, or examples: what the dataset holds (or --data_format says)."""
+    if dataset_format(cfg.dataset, cfg.data_format) == "text":
+        if cfg.epochs is not None:
+            raise UserError("--epochs counts passes over examples; a text dataset trains for "
+                            "--max_steps")
+        return TextBatches.load(cfg, encoder, start, dist, log)
+    return load_example_batches(cfg, encoder, template, start, dist, log)

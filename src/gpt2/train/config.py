@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..cli import ArgumentParser
+from ..data.examples import FORMATS
 from ..errors import UserError
 from ..runtime import AUTO, PRECISIONS
 from . import optim
@@ -29,6 +30,7 @@ from . import optim
 ORIGINAL = "original flags (nshepperd/gpt-2 train.py)"
 LOCATION = "model location"
 CONTROLS = "training controls"
+EXAMPLES = "instruction and chat examples (see README)"
 DISTRIBUTED = "distributed (torchrun / mpirun / srun; see README)"
 OUTPUTS = "outputs"
 
@@ -183,6 +185,27 @@ class TrainConfig:
         check=at_least(0), metavar="ROWS")
     skip_memory_check: bool = flag(False, "Start even when the memory estimate exceeds the "
                                    "free memory.")
+    # -- examples
+    data_format: str = flag(
+        "auto", "What the dataset's records are: auto (from the first record's fields), text, "
+        "prompt_completion, messages, alpaca or sharegpt.", group=EXAMPLES,
+        choices=("auto", "text") + FORMATS)
+    train_on_prompt: bool = flag(
+        False, "Learn the prompts and user turns too (default: only completions, assistant "
+        "turns and the <|endoftext|> ending each).", group=EXAMPLES)
+    packing: bool | None = flag(
+        None, "Pack several examples into each n_ctx row (each attends only to itself, "
+        "positions from 0); off: one example per row, padded per batch.", group=EXAMPLES,
+        shown="on")
+    drop_long: bool = flag(False, "Drop examples longer than n_ctx (default: keep their end, "
+                           "the answer, and cut the start of the prompt).", group=EXAMPLES)
+    epochs: int | None = flag(
+        None, "Passes over the examples (sets --max_steps; give one of the two).",
+        group=EXAMPLES, check=at_least(1), metavar="N", shown="none")
+    chat_template: str | None = flag(
+        None, "A Jinja chat template file (default: the model directory's "
+        "chat_template.jinja, else gpt2's own). Saved into every checkpoint.",
+        group=EXAMPLES, metavar="FILE", shown="the model's")
     # -- distributed
     fsdp: bool = flag(
         False, "Shard parameters, gradients and optimizer state across the processes (FSDP2) "
@@ -246,8 +269,11 @@ class TrainConfig:
             from .tensorboard import require
 
             require()
-        if self.lr_schedule == "cosine" and not self.max_steps:
-            raise UserError("--lr_schedule cosine needs --max_steps (the length of the decay)")
+        if self.epochs is not None and self.max_steps is not None:
+            raise UserError("--epochs sets --max_steps: give one of the two")
+        if self.lr_schedule == "cosine" and not (self.max_steps or self.epochs):
+            raise UserError("--lr_schedule cosine needs --max_steps or --epochs (the length of "
+                            "the decay)")
 
 
 # --- one declaration -> parser, config file, validation -----------------------------------------

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..runtime import autocast
 from ..sampling import sample_sequence
 from . import distributed
+from .batches import Batch
 from .build import TrainingModel
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -27,7 +27,7 @@ from .distributed import DistInfo
 class Validation:
     """The mean loss over fixed validation batches, shared out across the ranks."""
 
-    def __init__(self, batches: list[np.ndarray], model: TrainingModel, dist: DistInfo,
+    def __init__(self, batches: list[Batch], model: TrainingModel, dist: DistInfo,
                  log: Callable[[str], None]):
         self.batches, self.model, self.dist, self.log = batches, model, dist, log
 
@@ -48,10 +48,10 @@ class Validation:
                           disable=not self.dist.is_main):
                 if distributed.broadcast_flag(stop.requested, self.dist):
                     return None
-                tokens = torch.from_numpy(np.asarray(batches[min(i, len(batches) - 1)],
-                                                     dtype=np.int64)).to(device)
+                batch = batches[min(i, len(batches) - 1)].to(device)
                 with parallel.synced(training=False), autocast(device, self.model.precision):
-                    loss = model(tokens, targets=tokens, loss_chunk=self.model.loss_chunk).item()
+                    loss = model(batch.inputs, targets=batch.targets, segments=batch.segments,
+                                 loss_chunk=self.model.loss_chunk).item()
                 if i < len(batches):  # padding batches (FSDP) run but count zero
                     total, count = total + loss, count + 1
         finally:
@@ -62,20 +62,38 @@ class Validation:
 
 
 def training_samples(model: TrainingModel, encoder, cfg: TrainConfig, seed: int, step: int,
-                     length: int, dist: DistInfo) -> list[str]:
+                     length: int, dist: DistInfo,
+                     prompts: Callable[[int], list[tuple[list[int], list[int]]]] | None = None
+                     ) -> list[str]:
     """``--sample_num`` samples of ``length`` tokens from ``<|endoftext|>``, in batches of
-    ``--batch_size``; the same texts on every rank (a seed per step and sample)."""
+    ``--batch_size``; with ``prompts`` (examples: held-out prompts and their reference answers),
+    the model's reply to each beside the reference. The same texts on every rank (a seed per
+    step and sample)."""
     top_k, top_p = (0, cfg.top_p) if cfg.top_p > 0 else (cfg.top_k, 1.0)
+
+    def generate(context: list[int], n: int, length: int, index: int) -> torch.Tensor:
+        rows = torch.tensor([context] * n, dtype=torch.long, device=dist.device)
+        with model.parallel.synced(training=False), autocast(dist.device, model.precision):
+            # Under FSDP every rank must run the (sharded) forward; same seed, same text.
+            return sample_sequence(model.parallel.eval_model, length, rows, temperature=1.0,
+                                   top_k=top_k, top_p=top_p,
+                                   seed=seed * 1_000_003 + step * 1009 + index)[:, len(context):]
+
     texts: list[str] = []
+    if prompts is not None:
+        n_ctx = model.parallel.model.config.n_ctx
+        for prompt, reference in prompts(cfg.sample_num):
+            reply = generate(prompt, 1, max(1, min(length, n_ctx - len(prompt))), len(texts))[0]
+            reply = reply.tolist()
+            if encoder.eot_token in reply:
+                reply = reply[:reply.index(encoder.eot_token) + 1]
+            texts.append(f"PROMPT:\n{encoder.decode(prompt)}\nREPLY:\n{encoder.decode(reply)}\n"
+                         f"REFERENCE:\n{encoder.decode(reference)}")
+        return texts
     while len(texts) < cfg.sample_num:
         n = min(cfg.batch_size, cfg.sample_num - len(texts))
         # The original seeded each sample with one random data token; <|endoftext|> is what a
         # document start looks like, and it keeps the data sampler's RNG untouched.
-        context = torch.full((n, 1), encoder.eot_token, dtype=torch.long, device=dist.device)
-        with model.parallel.synced(training=False), autocast(dist.device, model.precision):
-            # Under FSDP every rank must run the (sharded) forward; same seed, same text.
-            out = sample_sequence(model.parallel.eval_model, length, context, temperature=1.0,
-                                  top_k=top_k, top_p=top_p,
-                                  seed=seed * 1_000_003 + step * 1009 + len(texts))
-        texts += [encoder.decode(row[1:].tolist()) for row in out]
+        out = generate([encoder.eot_token], n, length, len(texts))
+        texts += [encoder.decode(row.tolist()) for row in out]
     return texts

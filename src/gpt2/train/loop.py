@@ -37,9 +37,10 @@ import torch
 
 from ..errors import UserError
 from ..runtime import autocast, is_out_of_memory, pick_device
+from ..tokenizer.chat import TEMPLATE_FILE, ChatTemplate
 from ..tokenizer.files import load_encoder
 from . import distributed, optim
-from .batches import TextBatches
+from .batches import ExampleBatches, load_batches
 from .build import build_training_model, lora_checkpoint, out_of_memory_message
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -166,9 +167,17 @@ class Trainer:
         self.start = start = plan_start(cfg, self.run_dir, dist)
         # The model: memory checked first, then loaded or initialised, wrapped for the run.
         self.model = build_training_model(cfg, start, dist, self.log)
-        # The tokenizer (later saves copy it from the newest checkpoint) and the data.
+        # The tokenizer (later saves copy it from the newest checkpoint), the chat template,
+        # and the data: windows of text, or examples.
         self.encoder, self.encoder_dir = load_encoder(start.point.model_dir), start.point.model_dir
-        self.batches = TextBatches.load(cfg, self.encoder, start, dist, self.log)
+        self.template = ChatTemplate.from_file(cfg.chat_template) if cfg.chat_template else \
+            ChatTemplate.load(start.point.model_dir)
+        self.batches = load_batches(cfg, self.encoder, self.template, start, dist, self.log)
+        if cfg.epochs is not None:  # the run's length in updates, the same on every rank
+            steps = cfg.epochs * self.batches.steps_per_epoch(cfg.accumulate_gradients)
+            self.log(f"{cfg.epochs} epoch(s) of {len(self.batches.examples):,} examples: "
+                     f"{steps:,} updates")
+            self.cfg = cfg = dataclasses.replace(cfg, max_steps=steps)
         self.validation = Validation(self.batches.val_batches, self.model, dist, self.log)
         # The optimizer around the model as built (sharded in place under FSDP).
         self.opt = optim.Optimization(cfg, self.model.parallel.model, dist, self.model.precision)
@@ -192,7 +201,7 @@ class Trainer:
         if "scaler" in state and self.opt.scaler.is_enabled():
             self.opt.scaler.load_state_dict(state["scaler"])
         if "sampler" in state:
-            self.batches.sampler.load_state_dict(state["sampler"])
+            self.batches.load_state_dict(state["sampler"])
         restore_rngs(state, self.dist.rank, self.dist.world_size, self.batches.noise_rng,
                      self.log)
         if self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps:
@@ -293,11 +302,12 @@ class Trainer:
         n, model = self.cfg.accumulate_gradients, self.model
         losses = []
         for i in range(n):
-            inputs, targets = self.batches.next()
+            batch = self.batches.next()
             with model.parallel.synced():
                 with model.parallel.no_sync(i == n - 1), \
                         autocast(self.dist.device, model.precision):
-                    loss = model.parallel.train_model(inputs, targets=targets,
+                    loss = model.parallel.train_model(batch.inputs, targets=batch.targets,
+                                                      segments=batch.segments,
                                                       loss_chunk=model.loss_chunk)
                 # Averaged over micro-batches (the original summed them: N x the step size).
                 self.opt.backward(loss / n)
@@ -333,7 +343,8 @@ class Trainer:
         self.log("Generating samples...")
         step = self.progress.step
         texts = training_samples(self.model, self.encoder, self.cfg, self.start.seed, step,
-                                 self.start.sample_length, self.dist)
+                                 self.start.sample_length, self.dist,
+                                 self.batches.sample_prompts)
         if not self.is_main:
             return
         if self.tb:
@@ -341,11 +352,19 @@ class Trainer:
         for block in self.run_dir.write_samples(step, texts, self.cfg.encoding):
             self.log(block)
 
+    @property
+    def saves_template(self) -> bool:
+        """Checkpoints carry the chat template a run trained chats with (or was given, or
+        started with), so every tool that reads the model renders chats the same way."""
+        return (isinstance(self.batches, ExampleBatches) and self.batches.chats) or \
+            self.cfg.chat_template is not None or \
+            (self.start.point.model_dir / TEMPLATE_FILE).is_file()
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     def trainer_state(self) -> dict:
         state = {**self.progress.state_dict(), "seed": self.start.seed,
-                 "sampler": self.batches.sampler.state_dict(),
+                 "sampler": self.batches.state_dict(),
                  "noise_rng": self.batches.noise_rng.bit_generator.state, "rng": rng_state(),
                  "config": dataclasses.asdict(self.cfg)}
         if self.opt.scaler.is_enabled():
@@ -356,9 +375,11 @@ class Trainer:
         """Collective: gathers what every rank holds, rank 0 writes, the others wait for it."""
         step, parallel = self.progress.step, self.model.parallel
         self.log(f"Saving {self.run_dir.path / f'model-{step}'}")
-        model, extra = parallel.full_model(), None
+        model, extras = parallel.full_model(), [self.template.save] if self.saves_template \
+            else []
         if self.model.lora_base is not None:
-            model, extra = lora_checkpoint(parallel.model, self.model.lora_base)
+            model, adapter = lora_checkpoint(parallel.model, self.model.lora_base)
+            extras.append(adapter)
         tensors, meta = optim.optimizer_state(self.opt.optimizer, parallel.model,
                                               gather=parallel.sharded)
         ranks = distributed.all_gather_object(
@@ -372,7 +393,8 @@ class Trainer:
             # removes; the directory the run started from may be pruned (a resumed run's).
             self.encoder_dir = self.run_dir.save(
                 step, model, tensors, meta, state, encoder_dir=self.encoder_dir,
-                keep=self.cfg.keep_checkpoints, remove_others=replace, extra=extra)
+                keep=self.cfg.keep_checkpoints, remove_others=replace,
+                extra=lambda tmp: [write(tmp) for write in extras])
         # No rank races ahead (or exits) before the checkpoint is on disk.
         distributed.barrier(self.dist)
         self.replaced_old_run = True

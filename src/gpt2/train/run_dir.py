@@ -51,7 +51,7 @@ _TMP_DIR_RE = re.compile(r"^\.tmp-model-(?:\d+-(?P<new>\d+)|old-(?P<old>\d+)-mod
 # What a checkpoint holds; earlier versions also kept copies of these at the run's top level.
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json",
                     "hparams.json", "encoder.json", "vocab.bpe", "vocab.json", "merges.txt",
-                    "sp.model")
+                    "sp.model", "chat_template.jinja")
 
 
 @dataclass

@@ -1,0 +1,93 @@
+"""Using a chat model: ``gpt2 chat`` in the terminal and ``gpt2 generate --chat``, both through
+gpt2.conversation (the server's /v1/chat/completions is in test_serve.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import bounded
+from gpt2.conversation import prompt_ids, reply
+from gpt2.errors import UserError
+from gpt2.io.model_dir import load_model, save_model
+from gpt2.model import GPTConfig
+from gpt2.tokenizer.chat import ChatTemplate
+from gpt2.tokenizer.files import load_encoder
+from helpers import make_model
+from test_train import make_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    d = make_model_dir(tmp_path_factory.mktemp("chat") / "m", n_ctx=96)
+    save_model(make_model(GPTConfig(n_vocab=257, n_ctx=96, n_embd=32, n_head=4, n_layer=2)), d)
+    return d
+
+
+def greedy(model_dir: Path, messages: list[dict], max_tokens: int) -> str:
+    model, enc = load_model(model_dir), load_encoder(model_dir)
+    template = ChatTemplate.load(model_dir)
+    ids, _ = prompt_ids(template, enc, messages, model.config.n_ctx, max_tokens)
+    return reply(model, enc, ids, max_tokens, temperature=0)[0]
+
+
+def test_gpt2_chat_streams_replies_resets_and_quits_at_the_end_of_input(chat_model):
+    done = bounded.run([sys.executable, "-m", "gpt2", "chat", str(chat_model), "--temperature",
+                        "0", "--max_tokens", "6"], input="the\nso\n/system Be kind.\nhi\n",
+                       env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = greedy(chat_model, [{"role": "user", "content": "the"}], 6)
+    template = ChatTemplate.default()
+    second = greedy(chat_model, [{"role": "user", "content": "the"},
+                                 {"role": "assistant", "content": template.content_of(first)},
+                                 {"role": "user", "content": "so"}], 6)
+    third = greedy(chat_model, [{"role": "system", "content": "Be kind."},
+                                {"role": "user", "content": "hi"}], 6)
+    assert done.stdout == f"{first}\n{second}\n{third}\n"
+    assert "(the conversation starts over)" in done.stderr
+
+
+def test_a_long_history_forgets_its_oldest_turns(chat_model):
+    lines = "".join(f"{'word ' * 6}{i}\n" for i in range(4))
+    done = bounded.run([sys.executable, "-m", "gpt2", "chat", str(chat_model), "--max_tokens",
+                        "8", "--seed", "1"], input=lines, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "its oldest" in done.stderr and "turn(s) are forgotten" in done.stderr
+    enc, template = load_encoder(chat_model), ChatTemplate.default()
+    msgs = [{"role": "user", "content": "x" * 200}]
+    with pytest.raises(UserError, match="the conversation's last message needs"):
+        prompt_ids(template, enc, msgs, 96, 8)
+    history = [{"role": "user", "content": "a" * 30}, {"role": "assistant", "content": "b" * 30},
+               {"role": "user", "content": "c"}]
+    ids, dropped = prompt_ids(template, enc, history, 96, 8)
+    assert dropped == 2 and len(ids) <= 96 + 1 - 8  # the reply and its question go together
+
+
+def test_generate_chat_writes_one_reply_per_record(chat_model, tmp_path):
+    chats = [[{"role": "user", "content": "the"}],
+             [{"role": "system", "content": "x"}, {"role": "user", "content": "so"}]]
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    out = tmp_path / "r.jsonl"
+    done = bounded.run([sys.executable, "-m", "gpt2", "generate", str(chat_model), "--chat",
+                        "--prompts", str(prompts), "--length", "6", "--temperature", "0",
+                        "--out", str(out)], env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    template = ChatTemplate.default()
+    assert [r["reply"] for r in records] == [template.content_of(greedy(chat_model, c, 6))
+                                             for c in chats]
+    assert [r["messages"] for r in records] == chats
+    assert {r["finish_reason"] for r in records} <= {"stop", "length"}
+    prompts.write_text(json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
+    bad = bounded.run([sys.executable, "-m", "gpt2", "generate", str(chat_model), "--chat",
+                       "--prompts", str(prompts)], env=ENV, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith(f"error: {prompts}:1: message 1 has role 'bot'")
