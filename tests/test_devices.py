@@ -9,16 +9,12 @@ is listed in README's Devices section.
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
-
 import pytest
 import torch
 
 from gpt2 import runtime
-from gpt2.cli import main as cli
 from gpt2.errors import UserError
-from test_bad_input import model_dir
+from test_bad_input import model_dir, run
 from test_train import synthetic_text
 
 @pytest.fixture
@@ -32,13 +28,8 @@ def accelerator(monkeypatch):
 
 
 def one_line(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with redirect_stderr(err), redirect_stdout(io.StringIO()):
-        try:
-            code = cli(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue().strip()
+    code, err, _ = run(argv)  # the CLI in-process, stderr captured
+    return code, err.strip()
 
 
 # --- every command: an absent device is one line that says what to install ------------------

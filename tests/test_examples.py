@@ -74,6 +74,10 @@ def test_each_format_is_recognised_and_learns_only_the_answers(tmp_path, enc, fm
     assert ex.targets[0] == IGNORE and len(examples.examples) == 3
     everything = load(path, enc, train_on_prompt=True).examples[0]
     assert (everything.targets[1:] == everything.ids[1:]).all()  # --train_on_prompt
+    # validation scores the answers only either way
+    assert (everything.answer_targets == ex.targets).all()
+    assert (collate([[everything]], len(ex), 0, answers=True).targets[0].numpy() ==
+            ex.targets).all()
 
 
 def test_alpaca_reads_with_the_alpaca_prompt(tmp_path, enc):

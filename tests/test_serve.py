@@ -324,6 +324,17 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")
                  if os.path.exists(p)), None)
 
 
+def headless_chromium(webdriver):
+    """Debian's Chromium under its driver, headless, with no network of its own."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options,
+                            service=webdriver.ChromeService("/usr/bin/chromedriver"))
+
+
 @pytest.mark.skipif(CHROMIUM is None or not os.path.exists("/usr/bin/chromedriver"),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_the_playground_streams_a_completion_in_headless_chromium(model_dir):
@@ -332,13 +343,7 @@ def test_the_playground_streams_a_completion_in_headless_chromium(model_dir):
     from selenium.webdriver.support.ui import WebDriverWait
 
     s = Server(model_dir, "--api_key", "sesame")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options,
-                              service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    driver = headless_chromium(webdriver)
     try:
         driver.get(s.url + "/")
         assert driver.find_element(By.ID, "model").text == "m"
@@ -498,13 +503,7 @@ def test_the_playground_chats_in_headless_chromium(model_dir):
     from selenium.webdriver.support.ui import WebDriverWait
 
     s = Server(model_dir)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options,
-                              service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    driver = headless_chromium(webdriver)
     try:
         driver.get(s.url + "/")
         find = lambda i: driver.find_element(By.ID, i)  # noqa: E731

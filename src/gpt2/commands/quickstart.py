@@ -11,6 +11,7 @@
 
     python -m gpt2 quickstart                     # everything under ./quickstart/
     python -m gpt2 quickstart --max_steps 100     # quicker, worse
+    python -m gpt2 quickstart --chat              # instruction tuning instead (quickstart_chat)
 """
 
 from __future__ import annotations
@@ -56,19 +57,40 @@ def _val_losses(metrics: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt2 quickstart",
                        description="The whole pipeline on a CPU in minutes: a corpus shipped "
                        "with Python, a tokenizer, a small GPT-2, a sample.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="quickstart", help="folder for the corpus, model and run")
-    p.add_argument("--max_steps", type=int, default=400, help="training steps")
+    p.add_argument("--out", default=None,
+                   help="folder for the corpus, model and run (default: quickstart, or "
+                        "quickstart-chat with --chat)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="training steps (default: 400, or 1200 with --chat)")
     p.add_argument("--batch_size", type=int, default=16, help="windows of 128 tokens per step")
     p.add_argument("--vocab_size", type=int, default=2048, help="tokenizer vocabulary size")
     p.add_argument("--seed", type=int, default=1234, help="seed of the whole run")
-    args = p.parse_args(argv)
+    p.add_argument("--chat", action="store_true",
+                   help="instruction tuning instead: a synthetic chat task, trained on the "
+                        "answers only, exact-match accuracy on held-out prompts (default "
+                        "--out quickstart-chat, --max_steps 1200)")
+    p.add_argument("--compare", action="store_true",
+                   help="with --chat: also train with --train_on_prompt for the same steps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = args.out or ("quickstart-chat" if args.chat else "quickstart")
+    args.max_steps = args.max_steps or (1200 if args.chat else 400)
     if args.max_steps < 1:
         raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.chat:
+        from .quickstart_chat import chat_main
+
+        return chat_main(Path(args.out), args.max_steps, args.seed, args.compare)
+    if args.compare:
+        raise UserError("--compare goes with --chat")
 
     from .train import main as train_main
 

@@ -57,6 +57,7 @@ class Example:
     ids: np.ndarray       # int32 [L]
     targets: np.ndarray   # int32 [L]: ids where learned, -100 elsewhere (always at 0)
     where: str = ""       # file:line, for messages
+    answers: np.ndarray | None = None  # the answers-only targets (validation), when different
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -64,6 +65,11 @@ class Example:
     @property
     def learned(self) -> int:
         return int((self.targets != IGNORE).sum())
+
+    @property
+    def answer_targets(self) -> np.ndarray:
+        """What validation scores: the answers only, whatever training learns."""
+        return self.targets if self.answers is None else self.answers
 
 
 # --- reading records -------------------------------------------------------------------------
@@ -186,18 +192,20 @@ def encode_example(item, encoder, template, train_on_prompt: bool, where: str) -
     if isinstance(item, tuple):
         prompt, completion = (encoder.encode_ordinary(t) for t in item)
         ids = prompt + completion + [eot]
-        learned = [train_on_prompt] * len(prompt) + [True] * (len(completion) + 1)
+        answer = [False] * len(prompt) + [True] * (len(completion) + 1)
     else:
         if item[-1]["role"] != "assistant" and not train_on_prompt:
             raise UserError(f"{where}: the conversation ends with a {item[-1]['role']} turn, not "
                             "the assistant's: nothing to learn from its end")
-        ids, learned = template.encode(item, encoder)
-        if train_on_prompt:
-            learned = [True] * len(ids)
+        ids, answer = template.encode(item, encoder)
     ids = np.asarray(ids, dtype=np.int32)
-    targets = np.where(learned, ids, IGNORE).astype(np.int32)
-    targets[0] = IGNORE  # nothing precedes an example's first token
-    return Example(ids, targets, where)
+    answers = np.where(answer, ids, IGNORE).astype(np.int32)
+    answers[0] = IGNORE  # nothing precedes an example's first token
+    if not train_on_prompt:
+        return Example(ids, answers, where)
+    targets = ids.copy()
+    targets[0] = IGNORE
+    return Example(ids, targets, where, answers)
 
 
 @dataclass
@@ -228,9 +236,15 @@ class ExampleSet:
 
 def fit(example: Example, n_ctx: int) -> Example:
     """An example longer than n_ctx keeps its end (the answer) and loses its start."""
-    ids, targets = example.ids[-n_ctx:].copy(), example.targets[-n_ctx:].copy()
-    targets[0] = IGNORE
-    return Example(ids, targets, example.where)
+    def cut(targets):
+        if targets is None:
+            return None
+        out = targets[-n_ctx:].copy()
+        out[0] = IGNORE
+        return out
+
+    return Example(example.ids[-n_ctx:].copy(), cut(example.targets), example.where,
+                   cut(example.answers))
 
 
 def load_examples(path: str | os.PathLike, encoder, template, *, n_ctx: int, fmt: str = "auto",

@@ -116,9 +116,10 @@ def pack_rows(examples: list[Example], n_ctx: int, packing: bool) -> list[list[E
     return rows
 
 
-def collate(rows: list[list[Example]], width: int, pad: int) -> Batch:
+def collate(rows: list[list[Example]], width: int, pad: int, answers: bool = False) -> Batch:
     """Rows of examples -> one Batch ``width`` tokens wide; padding is its own segment (-1),
-    attends only to padding and is never a target."""
+    attends only to padding and is never a target. ``answers``: the answers-only targets
+    (validation), whatever training learns."""
     inputs = np.full((len(rows), width), pad, dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
     segments = np.full((len(rows), width), -1, dtype=np.int64)
@@ -126,7 +127,8 @@ def collate(rows: list[list[Example]], width: int, pad: int) -> Batch:
         at = 0
         for s, example in enumerate(row):
             inputs[r, at:at + len(example)] = example.ids
-            targets[r, at:at + len(example)] = example.targets
+            targets[r, at:at + len(example)] = example.answer_targets if answers else \
+                example.targets
             segments[r, at:at + len(example)] = s
             at += len(example)
     return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(segments))
@@ -202,7 +204,8 @@ class ExampleBatches:
         rows = pack_rows(self.val.examples, self.n_ctx, self.packing)
         rows = rows[:cfg.val_batch_count * cfg.val_batch_size]
         return [collate(rows[i:i + cfg.val_batch_size], self.n_ctx if self.packing else
-                        max(sum(map(len, r)) for r in rows[i:i + cfg.val_batch_size]), self.pad)
+                        max(sum(map(len, r)) for r in rows[i:i + cfg.val_batch_size]), self.pad,
+                        answers=True)
                 for i in range(0, len(rows), cfg.val_batch_size)]
 
     def sample_prompts(self, n: int) -> list[tuple[list[int], list[int]]]:
@@ -210,7 +213,7 @@ class ExampleBatches:
         ones without validation): everything before the last learned run, and that run."""
         out = []
         for example in (self.val or ExampleSet(self.examples, "")).examples[:n]:
-            learned = np.flatnonzero(example.targets != IGNORE)
+            learned = np.flatnonzero(example.answer_targets != IGNORE)
             start = int(learned[-1])
             while start - 1 in set(learned.tolist()):
                 start -= 1
