@@ -345,3 +345,20 @@ def test_two_hosts_train_and_a_loopback_hostname_is_one_line(tmp_path, data, mod
     for proc in both(interface=True):  # with the interface named, the two hosts train together
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoint/run1/model-2/model.safetensors").is_file()
+
+
+def test_torchrun_trains_chats_on_two_ranks_and_resumes(tmp_path, model_dir):
+    """Examples shared out by rank (every other one of an epoch's order), packed; validation
+    split across ranks; a resumed run continues both ranks' streams."""
+    from test_examples import sums, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", sums(80))
+    flags = dict(batch_size=2, val_every=2, val_batch_count=2)
+    ok(torchrun(args(data, model_dir, max_steps=2, **flags), tmp_path))
+    out = ok(torchrun(args(data, model_dir, max_steps=4, **flags), tmp_path))
+    assert "80 messages examples" in out and "holding out 4 of 80 examples" in out
+    run_dir = tmp_path / "checkpoint" / "run1"
+    assert [m["step"] for m in metrics(run_dir) if "loss" in m] == [1, 2, 3, 4]
+    state = json.loads((run_dir / "model-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["sampler"]["position"] > 0
+    assert (run_dir / "model-4" / "chat_template.jinja").is_file()
