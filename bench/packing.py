@@ -42,7 +42,8 @@ def examples(n: int, n_ctx: int, n_vocab: int, median: int, seed: int = 0) -> li
 def batches(exs: list[Example], n_ctx: int, rows: int, packing: bool, eot: int):
     """Batches of about ``rows * n_ctx`` example tokens each, the way ExampleBatches makes them."""
     out, grouped = [], pack_rows(exs, n_ctx, packing)
-    if packing:
+    if packing:  # best-fit sorts rows by fill; the trainer shuffles them, as here
+        grouped = [grouped[i] for i in np.random.default_rng(1).permutation(len(grouped))]
         for i in range(0, len(grouped) - rows + 1, rows):
             out.append(collate(grouped[i:i + rows], n_ctx, eot))
         return out
@@ -95,14 +96,18 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
         steps[name] = step
     times = timed_interleaved(steps, 1, args.iters, device)
-    print("| batching | s / step (median) | example tokens / step | padding | example tokens/s |")
+    print("| batching | s / step (median) | example tokens / step | padding (timed; whole "
+          "epoch) | example tokens/s |")
     print("|---|---|---|---|---|")
     rate = {}
     for name, t in times.items():
         real = np.mean(state[name]["real"][1:])
         pad = 1 - real / np.mean(state[name]["width"][1:])
+        epoch = 1 - sum(int((b.segments >= 0).sum()) for b in plans[name]) / sum(
+            b.inputs.numel() for b in plans[name])
         rate[name] = real / np.median(t)
-        print(f"| {name} | {np.median(t):.2f} | {real:,.0f} | {pad:.0%} | {rate[name]:,.0f} |")
+        print(f"| {name} | {np.median(t):.2f} | {real:,.0f} | {pad:.0%}; {epoch:.0%} | "
+              f"{rate[name]:,.0f} |")
     print(f"\npacked / padded: {rate['packed'] / rate['padded']:.2f}x")
     print(f"# {load_note()}")
     return 0

@@ -66,14 +66,14 @@ def build_parser() -> ArgumentParser:
                    help="folder for the corpus, model and run (default: quickstart, or "
                         "quickstart-chat with --chat)")
     p.add_argument("--max_steps", type=int, default=None,
-                   help="training steps (default: 400, or 1200 with --chat)")
+                   help="training steps (default: 400, or 2000 with --chat)")
     p.add_argument("--batch_size", type=int, default=16, help="windows of 128 tokens per step")
     p.add_argument("--vocab_size", type=int, default=2048, help="tokenizer vocabulary size")
     p.add_argument("--seed", type=int, default=1234, help="seed of the whole run")
     p.add_argument("--chat", action="store_true",
                    help="instruction tuning instead: a synthetic chat task, trained on the "
                         "answers only, exact-match accuracy on held-out prompts (default "
-                        "--out quickstart-chat, --max_steps 1200)")
+                        "--out quickstart-chat, --max_steps 2000)")
     p.add_argument("--compare", action="store_true",
                    help="with --chat: also train with --train_on_prompt for the same steps")
     return p
@@ -82,7 +82,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.out = args.out or ("quickstart-chat" if args.chat else "quickstart")
-    args.max_steps = args.max_steps or (1200 if args.chat else 400)
+    args.max_steps = args.max_steps or (2000 if args.chat else 400)
     if args.max_steps < 1:
         raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
     if args.chat:
