@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("gpt2.commands.evaluate", "loss and perplexity of a model on a dataset"),
     "generate": ("gpt2.commands.generate", "generate samples from prompts to a file"),
     "export": ("gpt2.commands.export",
-               "write a model as a Hugging Face or OpenAI release directory"),
+               "write a model for other tools: Hugging Face, OpenAI release, GGUF, ONNX"),
     "plot": ("gpt2.commands.plot", "plot a run's training and validation loss"),
     "lora": ("gpt2.commands.lora", "merge a LoRA adapter into a plain model directory"),
     "chat": ("gpt2.commands.chat", "talk to a model in the terminal, through its chat template"),

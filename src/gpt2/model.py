@@ -155,12 +155,14 @@ def _extend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     step instead of all S + T (torch.cat). Never while recording gradients: writing into a
     buffer that earlier steps saved for backward would invalidate them.
     """
+    if torch.is_grad_enabled():  # checked first: a traced graph (ONNX) has no storage to ask
+        return torch.cat((cached, new), dim=2)
     B, H, S, D = cached.shape
     T = new.size(2)
     room = cached.untyped_storage().nbytes() // cached.element_size() - cached.storage_offset()
     # The cache layout is [B, H, capacity, D]: the sequence stride tells the capacity.
     capacity = cached.stride(1) // D if D else 0
-    if (torch.is_grad_enabled() or cached.stride(3) != 1 or cached.stride(2) != D
+    if (cached.stride(3) != 1 or cached.stride(2) != D
             or cached.stride(0) != H * cached.stride(1) or S + T > capacity
             or room < (B - 1) * cached.stride(0) + (H - 1) * cached.stride(1) + (S + T) * D
             or new.dtype != cached.dtype or new.device != cached.device):

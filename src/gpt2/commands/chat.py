@@ -21,7 +21,7 @@ from ..conversation import prompt_ids, reply
 from ..errors import UserError
 from ..io.paths import resolve_model_dir
 from ..tokenizer.chat import ChatTemplate
-from .common import check_sampling_flags, generator_for, load_for_sampling
+from .common import add_dtype_argument, check_sampling_flags, generator_for, load_for_sampling
 
 PROMPT = "> "
 
@@ -39,6 +39,7 @@ def build_parser() -> ArgumentParser:
                    help="a Jinja chat template (default: the model's, else gpt2's own)")
     p.add_argument("--device", default=None, help="torch device (default: the accelerator if "
                    "there is one)")
+    add_dtype_argument(p)
     return p
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tokens < 1:
         raise UserError(f"--max_tokens must be >= 1, got {args.max_tokens}")
     model_dir = resolve_model_dir(None, None, args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device)
+    model, enc, device = load_for_sampling(model_dir, args.device, args.dtype)
     if enc.eot_token is None:
         raise UserError(f"{model_dir}: the tokenizer has no <|endoftext|>, which ends a reply")
     n_ctx = model.config.n_ctx

@@ -25,6 +25,7 @@ from ..io.paths import find_model_dir
 from ..runtime import PRECISIONS, pick_device
 from ..sampling import sample_sequence
 from ..tokenizer.files import encoder_fingerprint, load_encoder
+from .common import add_dtype_argument, with_dtype
 
 
 def _dataset_path(text: str) -> str | Path:
@@ -83,6 +84,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="autocast precision of the forward pass")
+    add_dtype_argument(p)
     p.add_argument("--compare", metavar="OTHER_DIR", default=None,
                    help="also evaluate this model (e.g. the base you fine-tuned from) and print "
                         "both side by side, with samples for fixed prompts")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results, samples = [], []
     for d in dirs:
-        model = load_model(d, device=device)
+        model = with_dtype(load_model(d, device=device), args.dtype)
         try:
             results.append(evaluate(model, chunks, n_ctx=n_ctx, stride=args.stride,
                                     batch_size=args.batch_size, precision=args.precision))

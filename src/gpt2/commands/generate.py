@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..io.atomic import atomic_write
 from ..io.paths import find_model_dir
 from ..sampling import generate_batch
-from .common import check_sampling_flags, generator_for, load_for_sampling
+from .common import add_dtype_argument, check_sampling_flags, generator_for, load_for_sampling
 
 DELIMITER = "=" * 20
 
@@ -120,6 +120,7 @@ def build_parser() -> ArgumentParser:
                    help="with --chat: a Jinja chat template (default: the model's, else "
                         "gpt2's own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    add_dtype_argument(p)
     return p
 
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {out} is a directory; give a file name")
 
     model_dir = find_model_dir(args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device)
+    model, enc, device = load_for_sampling(model_dir, args.device, args.dtype)
     if enc.eot_token is None and not all(prompts):
         raise UserError(f"{model_dir}: the tokenizer has no <|endoftext|> token to start "
                         "unconditional samples from; give --prompt or --prompts")

@@ -22,7 +22,7 @@ from ..cli import ArgumentParser
 from ..errors import UserError
 from ..io.paths import resolve_model_dir
 from ..sampling import sample_sequence
-from .common import check_sampling_flags, generator_for, load_for_sampling
+from .common import add_dtype_argument, check_sampling_flags, generator_for, load_for_sampling
 
 PROMPT = "Model prompt >>> "
 
@@ -61,6 +61,7 @@ def _parser(prog: str, description: str, nsamples: int, nsamples_help: str, leng
                         "probability is <= p (0 or 1: no limit)")
     p.add_argument("--device", default=None,
                    help="torch device; None: cuda if available, else cpu")
+    add_dtype_argument(p)
     return p
 
 
@@ -80,7 +81,7 @@ def _load(args: argparse.Namespace):
     """(model, encoder, generator) for the parsed flags."""
     model_dir = resolve_model_dir(args.model_name, models_dir=args.models_dir,
                                   model_dir=args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device)
+    model, enc, device = load_for_sampling(model_dir, args.device, args.dtype)
     return model, enc, generator_for(device, args.seed)
 
 

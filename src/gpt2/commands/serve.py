@@ -17,8 +17,8 @@ import sys
 from ..cli import ArgumentParser, HelpFormatter
 from ..errors import Terminated, UserError
 from ..io.paths import expand, find_model_dir
-from ..runtime import DTYPES, PRECISIONS, return_large_frees
-from .common import load_for_sampling
+from ..runtime import return_large_frees
+from .common import add_dtype_argument, load_for_sampling
 
 
 def build_parser() -> ArgumentParser:
@@ -38,8 +38,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max_queue", type=int, default=256,
                    help="completions that may wait for a place in the batch; more get 429")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="dtype of the weights")
+    add_dtype_argument(p, "--dtype", "--precision", dest="precision")
     p.add_argument("--served_name", default=None,
                    help="the model's name in the API (default: the directory's name)")
     p.add_argument("--chat_template", default=None, metavar="FILE",
@@ -65,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..serve.engine import Engine
 
     model_dir = find_model_dir(args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device)
-    model = model.to(dtype=DTYPES[args.precision]).eval()
+    model, enc, device = load_for_sampling(model_dir, args.device, args.precision)
+    model = model.eval()
     if device.type == "cpu":
         return_large_frees()  # the KV caches change size at every join: keep RSS flat
     if enc.eot_token is None:

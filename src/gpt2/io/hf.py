@@ -144,8 +144,11 @@ def warn_no_tokenizer(encoder_dir) -> None:
 
 
 def export_huggingface(model: torch.nn.Module, out_dir: str | os.PathLike,
-                       encoder_dir: str | os.PathLike | None = None) -> Path:
-    """Write a transformers GPT-2 directory; the tokenizer files come from ``encoder_dir``."""
+                       encoder_dir: str | os.PathLike | None = None,
+                       weights: bool = True) -> Path:
+    """Write a transformers GPT-2 directory; the tokenizer files come from ``encoder_dir``.
+    ``weights=False``: everything but model.safetensors (for exports that hold the weights in
+    another format)."""
     from safetensors.torch import save_file
 
     config = unwrap(model).config
@@ -155,7 +158,9 @@ def export_huggingface(model: torch.nn.Module, out_dir: str | os.PathLike,
     for name, t in weights_of(model).items():
         hf, transpose = hf_name(name)
         tensors[hf] = (t.t() if transpose else t).contiguous()
-    atomic_write(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    if weights:
+        atomic_write(out / WEIGHTS, lambda p: save_file(tensors, str(p),
+                                                        metadata={"format": "pt"}))
 
     files = bpe_files(encoder_dir) if encoder_dir is not None else None
     eot = _eot_id(files[0] if files else None)
