@@ -17,6 +17,7 @@ from gpt2.io.gguf_file import export_gguf
 from gpt2.io.model_dir import load_model, save_model
 from gpt2.model import GPT, GPTConfig
 from gpt2.sampling import sample_sequence
+from gpt2.tokenizer.chat import ChatTemplate
 from gpt2.tokenizer.files import load_encoder
 
 pytestmark = pytest.mark.slow
@@ -43,6 +44,7 @@ def exported(tmp_path_factory, gpt2_vocab_dir):
     root = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     save_model(GPT(CONFIG), root / "model", encoder_dir=gpt2_vocab_dir)
+    ChatTemplate.default().save(root / "model")
     model = load_model(root / "model")
     out = {}
     for outtype in ("f32", "q8_0"):
@@ -133,3 +135,22 @@ def test_llama_cpp_reads_a_byte_level_model(tmp_path):
     with torch.no_grad():
         ours = load_model(model_dir)(torch.tensor([ids]))[0].numpy()
     assert np.abs(their_logits(llm, ids) - ours).max() < 1e-3
+
+
+def test_llama_cpp_renders_the_chat_template_as_we_do(exported):
+    """The template in the GGUF (tokenizer.chat_template), rendered by llama-cpp-python's own
+    chat formatter, gives our prompt text, and its chat completion runs on it."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    _, llamas, root = exported
+    llm = llamas["f32"]
+    source = llm.metadata["tokenizer.chat_template"]
+    messages = [{"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3+3?"}]
+    theirs = Jinja2ChatFormatter(source, "<|endoftext|>", "<|endoftext|>")(messages=messages)
+    assert theirs.prompt == ChatTemplate.load(root / "model").render(
+        messages, add_generation_prompt=True)[0]
+    reply = llm.create_chat_completion(messages=messages, max_tokens=4, temperature=0)
+    assert reply["choices"][0]["message"]["role"] == "assistant"

@@ -3,6 +3,7 @@
     gpt2 evaluate checkpoint/run1 --dataset data/test.txt
     gpt2 evaluate checkpoint/run1 --dataset data/corpus --stride 512   # uses corpus/test/
     gpt2 evaluate checkpoint/run1 --dataset data/test.txt --compare models/124M
+    gpt2 evaluate checkpoint/run1 --task hellaswag --data hellaswag_val.jsonl --out hs.json
 
 Which tokens are scored, and how: :mod:`gpt2.evaluate`.
 """
@@ -65,9 +66,19 @@ def build_parser() -> ArgumentParser:
         description="Mean loss and perplexity of a model over a whole dataset.")
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="model directory (ours, release or Hugging Face) or a released name")
-    p.add_argument("--dataset", required=True,
+    p.add_argument("--dataset", default=None,
                    help="text file, directory, glob, .npz or .bin; a corpus directory with a "
-                        "test/ folder means that split")
+                        "test/ folder means that split (required unless --task)")
+    p.add_argument("--task", choices=["hellaswag"], default=None,
+                   help="a benchmark scored as its reference does (gpt2.tasks): hellaswag's "
+                        "acc and acc_norm as build-nanogpt's hellaswag.py")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="--task: the task's data file (hellaswag: rowanz's hellaswag_val.jsonl)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="--task: score the first N examples only")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="--task: also write the results as JSON (task, data sha256, model, "
+                        "dtype, counts)")
     p.add_argument("--combine", type=int, default=50000,
                    help="minimum characters per chunk when encoding text (as in training)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset files")
@@ -113,12 +124,41 @@ def _print_comparison(dirs, results, samples, prompts, seed: int) -> None:
             print(f"{'-' * 10} {name} {'-' * 10}\n{texts[i]}")
 
 
+def _task(args) -> int:
+    """--task: a benchmark's scores, printed as a table and written to --out."""
+    from ..io.atomic import write_json
+    from ..tasks import read_hellaswag, score_hellaswag, sha256_of
+
+    if args.data is None:
+        raise UserError(f"--task {args.task} needs --data PATH (the task's data file)")
+    if args.dataset or args.compare:
+        raise UserError("--task scores a benchmark: --dataset and --compare do not apply")
+    device = pick_device(args.device)
+    model_dir = find_model_dir(args.model_dir)
+    check_model_dir(model_dir)
+    rows = read_hellaswag(args.data, args.limit)  # checked before the model is loaded
+    enc = load_encoder(model_dir)
+    model = with_dtype(load_model(model_dir, device=device), args.dtype)
+    result = score_hellaswag(model, enc, rows, batch_size=args.batch_size)
+    result.update(data=str(args.data), data_sha256=sha256_of(args.data), model=str(model_dir),
+                  dtype=args.dtype, limit=args.limit)
+    print(f"| task | examples | acc | acc_norm |\n|---|---|---|---|\n| {args.task} | "
+          f"{result['examples']} | {result['acc']:.4f} | {result['acc_norm']:.4f} |")
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("n_ctx", "stride", "batch_size", "sample_length"):
+    for flag in ("n_ctx", "stride", "batch_size", "sample_length", "limit"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be >= 1, got {value}")
+    if args.task:
+        return _task(args)
+    if args.dataset is None:
+        raise UserError("--dataset is required (or --task with --data)")
     device = pick_device(args.device)
     dirs = [find_model_dir(args.model_dir)]
     if args.compare:

@@ -147,6 +147,10 @@ class TrainConfig:
         "Ctrl-C).", check=at_least(0), metavar="N", shown="none")
     weight_decay: float = flag(0.0, "Weight decay for matrices and embeddings (decoupled with "
                                "adamw).", check=nonneg_number)
+    muon_lr: float = flag(optim.MUON_LR, "--optimizer muon: the rate of the blocks' matrices "
+                          "(Muon); --learning_rate is the AdamW rate of the rest (embeddings, "
+                          "biases, norms). modded-nanogpt's: 0.05.", check=nonneg_number,
+                          metavar="LR")
     lr_schedule: str = flag("constant", "Learning-rate schedule after warm-up; cosine decays "
                             "to 10%% by --max_steps.", choices=optim.SCHEDULES)
     warmup_steps: int = flag(0, "Linear warm-up from 0 over the first N updates.",
@@ -269,6 +273,9 @@ class TrainConfig:
             from .tensorboard import require
 
             require()
+        if self.optimizer == "muon" and self.fsdp:
+            raise UserError("--optimizer muon cannot be combined with --fsdp: Muon "
+                            "orthogonalizes whole matrices and FSDP shards them (use DDP)")
         if self.epochs is not None and self.max_steps is not None:
             raise UserError("--epochs sets --max_steps: give one of the two")
         if self.lr_schedule == "cosine" and not (self.max_steps or self.epochs):

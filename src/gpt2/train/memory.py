@@ -86,6 +86,8 @@ def optimizer_bytes(shapes: list[tuple[int, ...]], optimizer: str) -> int:
         n = _numel(shape)
         if optimizer in ("adam", "adamw"):
             total += 2 * 4 * n
+        elif optimizer == "muon":  # (an upper bound: Muon's matrices keep one slot, not two)
+            total += 2 * 4 * n
         elif optimizer == "adafactor":
             total += 4 * (shape[0] + _numel(shape[1:]) if len(shape) >= 2 else n)
     return total

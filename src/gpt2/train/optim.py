@@ -20,7 +20,11 @@ import torch.nn as nn
 
 from ..runtime import BACKENDS
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
+OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
+# --optimizer muon: the modded-nanogpt speedrun's settings for the Muon part (Keller Jordan's
+# Muon: Newton-Schulz orthogonalized Nesterov momentum) and the Adam part's betas and eps.
+MUON_LR, MUON_MOMENTUM = 0.05, 0.95
+MUON_ADAM = dict(betas=(0.8, 0.95), eps=1e-10)
 SCHEDULES = ("constant", "cosine")
 # Cosine decays to this fraction of the peak rate rather than to zero (as Chinchilla did).
 COSINE_FLOOR = 0.1
@@ -52,10 +56,78 @@ def _can_fuse(model: nn.Module) -> bool | None:
     return True if plain and fused else None
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0
-                    ) -> torch.optim.Optimizer:
+class MuonAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` for the groups marked ``muon`` (the blocks' 2-D weights), AdamW
+    for the others (embeddings and the tied head, biases, layer norms), as one optimizer: one
+    state and one list of groups, which the state-dict API, the gradient scaler, clipping and
+    the schedule see like any other. Each group keeps its own rate; :func:`set_lr` scales
+    them all by the schedule (``lr_scale``)."""
+
+    def __init__(self, params, lr: float = 1e-3, muon_lr: float = MUON_LR,
+                 momentum: float = MUON_MOMENTUM, weight_decay: float = 0.0, fused=None):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, muon=False))
+        for group in self.param_groups:
+            if group["muon"]:
+                group["lr"] = muon_lr
+            group.setdefault("lr_scale", group["lr"] / lr if lr else 1.0)
+        self._muon = torch.optim.Muon([g for g in self.param_groups if g["muon"]],
+                                      lr=muon_lr, momentum=momentum, nesterov=True,
+                                      weight_decay=weight_decay)
+        self._adam = torch.optim.AdamW([g for g in self.param_groups if not g["muon"]], lr=lr,
+                                       weight_decay=weight_decay, fused=fused, **MUON_ADAM)
+        self._bind()
+
+    def _bind(self) -> None:
+        """The inner optimizers work on this one's groups and state (also after a load)."""
+        self._muon.param_groups = [g for g in self.param_groups if g["muon"]]
+        self._adam.param_groups = [g for g in self.param_groups if not g["muon"]]
+        self._muon.state = self._adam.state = self.state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_muon" in self.__dict__:
+            self._bind()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._muon.step()
+        self._adam.step()
+        return loss
+
+
+def muon_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Muon takes the transformer blocks' matrices; AdamW the rest, decaying only the
+    embeddings (the head is tied to wte)."""
+    blocks = {id(p) for block in model.h for p in block.parameters()} \
+        if hasattr(model, "h") else set()
+    muon, decay, no_decay = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() == 2 and id(p) in blocks:
+            muon.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": muon, "muon": True, "weight_decay": weight_decay},
+              {"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
+                    muon_lr: float = MUON_LR) -> torch.optim.Optimizer:
     """adam and sgd as the original (TF's Adam defaults: betas .9/.999, eps 1e-8), plus adamw
-    (decoupled weight decay) and adafactor (factored second moments: little optimizer memory)."""
+    (decoupled weight decay), adafactor (factored second moments: little optimizer memory) and
+    muon (:class:`MuonAdamW`: ``muon_lr`` for the blocks' matrices, ``lr`` for the rest)."""
+    if name == "muon":
+        from ..io.tensors import unwrap
+
+        return MuonAdamW(muon_groups(unwrap(model), weight_decay), lr=lr, muon_lr=muon_lr,
+                         weight_decay=weight_decay, fused=_can_fuse(model))
     groups = param_groups(model, weight_decay)
     adam = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=_can_fuse(model))
     if name == "adam":
@@ -87,8 +159,9 @@ def lr_at(step: int, lr: float, schedule: str = "constant", warmup_steps: int = 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate on every group (times the group's ``lr_scale``: Muon's own rate)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
@@ -178,7 +251,8 @@ class Optimization:
 
         self.cfg, self.model = cfg, model
         self.optimizer = distributed.wrap_optimizer(
-            build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay), model,
+            build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
+                            cfg.muon_lr), model,
             dist, cfg.accumulate_gradients)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
 

@@ -310,7 +310,7 @@ class RunDir:
 
 def space_warning(model: torch.nn.Module, optimizer: str, run_dir: Path) -> str | None:
     """Said early: the disk will not hold a checkpoint (weights + optimizer state), about."""
-    slots = {"adam": 2, "adamw": 2, "sgd": 0, "adafactor": 0.1}[optimizer]
+    slots = {"adam": 2, "adamw": 2, "sgd": 0, "adafactor": 0.1, "muon": 2}[optimizer]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     needed = int(weights * (1 + slots)) + (1 << 20)
     free = shutil.disk_usage(run_dir).free
