@@ -113,3 +113,102 @@ def test_a_bad_hellaswag_record_is_one_line_naming_file_and_line(tmp_path, gpt2_
                  str(data)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {data}:3: ") and says in err[0], err
+
+
+LAMBADA_YAML = """task: lambada_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+HARNESS = """import json, sys, lm_eval
+from lm_eval.tasks import TaskManager
+r = lm_eval.simple_evaluate(
+    model="hf", model_args=f"pretrained={sys.argv[1]},dtype=float32", tasks=["lambada_local"],
+    task_manager=TaskManager(include_path=sys.argv[2]), device="cpu", batch_size=4)
+print("RESULT " + json.dumps(r["results"]["lambada_local"]))
+"""
+
+
+def write_lambada(path, n: int = 40) -> None:
+    """Records as in OpenAI's lambada_test.jsonl ({"text": ...}), text of our own."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the cat sat on a mat while her brother read the old book about ships and stars, "
+             "then said: \"it's late\" and walked home").split()
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(words)
+                                                 for _ in range(rng.randint(6, 40)))}) + "\n")
+
+
+@pytest.mark.slow
+def test_lambada_equals_lm_evaluation_harness(tmp_path, gpt2_vocab_dir, capsys):
+    """lm-evaluation-harness's own lambada_openai (a copy reading a local file), run with its
+    Hugging Face backend on our export of the same weights: same acc, perplexity to 1e-4."""
+    import os
+    import sys
+
+    import bounded
+
+    pytest.importorskip("lm_eval")
+    model = make_model(GPTConfig(n_vocab=50257, n_ctx=64, n_embd=64, n_head=4, n_layer=2))
+    with torch.no_grad():
+        model.wte.weight.mul_(4)
+    save_model(model, tmp_path / "model", encoder_dir=gpt2_vocab_dir)
+    export_huggingface(model, tmp_path / "hf", encoder_dir=gpt2_vocab_dir)
+    data = tmp_path / "lambada_test.jsonl"
+    write_lambada(data)
+    # Half the records end in the model's own greedy next word, so that acc is not 0 for both
+    from gpt2.tokenizer.files import load_encoder
+
+    enc = load_encoder(tmp_path / "model")
+    rows = [json.loads(line) for line in open(data)]
+    for row in rows[::2]:
+        ctx = row["text"].rsplit(" ", 1)[0]
+        with torch.no_grad():
+            word = enc.decode([int(model(torch.tensor([enc.encode(ctx)]))[0, -1].argmax())])
+        if word.startswith(" ") and word[1:].isalpha():
+            row["text"] = ctx + word
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/lambada_local.yaml").write_text(LAMBADA_YAML.format(data=data))
+    (tmp_path / "harness.py").write_text(HARNESS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hfcache")}
+    r = bounded.run([sys.executable, str(tmp_path / "harness.py"), str(tmp_path / "hf"),
+                     str(tmp_path / "tasks")], env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = json.loads(r.stdout.split("RESULT ")[1].splitlines()[0])
+    assert main(["evaluate", str(tmp_path / "model"), "--task", "lambada", "--data", str(data),
+                 "--out", str(tmp_path / "ours.json")]) == 0
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    print(f"harness: acc {theirs['acc,none']} perplexity {theirs['perplexity,none']}; "
+          f"ours: acc {ours['acc']} perplexity {ours['perplexity']}")
+    assert ours["acc"] == theirs["acc,none"] > 0 and ours["examples"] == 40
+    assert ours["perplexity"] == pytest.approx(theirs["perplexity,none"], rel=1e-4)
+
+
+def test_a_bad_lambada_record_is_one_line(tmp_path, gpt2_vocab_dir, capsys):
+    save_model(make_model(GPTConfig(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)),
+               tmp_path / "model", encoder_dir=gpt2_vocab_dir)
+    data = tmp_path / "lambada_test.jsonl"
+    write_lambada(data, 3)
+    with open(data, "a") as f:
+        f.write('{"text": "oneword"}\n')
+    assert main(["evaluate", str(tmp_path / "model"), "--task", "lambada", "--data",
+                 str(data)]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {data}:4: 'text' must be a string of at "
+                                               "least two words")

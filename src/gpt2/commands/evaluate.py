@@ -4,6 +4,7 @@
     gpt2 evaluate checkpoint/run1 --dataset data/corpus --stride 512   # uses corpus/test/
     gpt2 evaluate checkpoint/run1 --dataset data/test.txt --compare models/124M
     gpt2 evaluate checkpoint/run1 --task hellaswag --data hellaswag_val.jsonl --out hs.json
+    gpt2 evaluate checkpoint/run1 --task lambada --data lambada_test.jsonl
 
 Which tokens are scored, and how: :mod:`gpt2.evaluate`.
 """
@@ -69,11 +70,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dataset", default=None,
                    help="text file, directory, glob, .npz or .bin; a corpus directory with a "
                         "test/ folder means that split (required unless --task)")
-    p.add_argument("--task", choices=["hellaswag"], default=None,
+    p.add_argument("--task", choices=["hellaswag", "lambada"], default=None,
                    help="a benchmark scored as its reference does (gpt2.tasks): hellaswag's "
-                        "acc and acc_norm as build-nanogpt's hellaswag.py")
+                        "acc and acc_norm as build-nanogpt's hellaswag.py; lambada's last-word "
+                        "acc and perplexity as lm-evaluation-harness's lambada_openai")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="--task: the task's data file (hellaswag: rowanz's hellaswag_val.jsonl)")
+                   help="--task: the task's data file (hellaswag: rowanz's hellaswag_val.jsonl; "
+                        "lambada: OpenAI's lambada_test.jsonl)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="--task: score the first N examples only")
     p.add_argument("--out", default=None, metavar="FILE",
@@ -127,7 +130,7 @@ def _print_comparison(dirs, results, samples, prompts, seed: int) -> None:
 def _task(args) -> int:
     """--task: a benchmark's scores, printed as a table and written to --out."""
     from ..io.atomic import write_json
-    from ..tasks import read_hellaswag, score_hellaswag, sha256_of
+    from ..tasks import TASKS, sha256_of
 
     if args.data is None:
         raise UserError(f"--task {args.task} needs --data PATH (the task's data file)")
@@ -136,14 +139,17 @@ def _task(args) -> int:
     device = pick_device(args.device)
     model_dir = find_model_dir(args.model_dir)
     check_model_dir(model_dir)
-    rows = read_hellaswag(args.data, args.limit)  # checked before the model is loaded
+    read, score = TASKS[args.task]
+    rows = read(args.data, args.limit)  # checked before the model is loaded
     enc = load_encoder(model_dir)
     model = with_dtype(load_model(model_dir, device=device), args.dtype)
-    result = score_hellaswag(model, enc, rows, batch_size=args.batch_size)
+    result = score(model, enc, rows, batch_size=args.batch_size)
     result.update(data=str(args.data), data_sha256=sha256_of(args.data), model=str(model_dir),
                   dtype=args.dtype, limit=args.limit)
-    print(f"| task | examples | acc | acc_norm |\n|---|---|---|---|\n| {args.task} | "
-          f"{result['examples']} | {result['acc']:.4f} | {result['acc_norm']:.4f} |")
+    metrics = [k for k in ("acc", "acc_norm", "perplexity") if k in result]
+    print("| task | examples | " + " | ".join(metrics) + " |\n|---|---|" + "---|" * len(metrics))
+    print(f"| {args.task} | {result['examples']} | " +
+          " | ".join(f"{result[k]:.4f}" for k in metrics) + " |")
     if args.out:
         write_json(args.out, result)
     return 0
