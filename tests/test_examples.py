@@ -358,3 +358,39 @@ def test_epochs_set_the_length_and_samples_reply_to_held_out_prompts(tmp_path, b
     (tmp_path / "raw.txt").write_text("plain text " * 200)
     assert run(main, args(tmp_path / "raw.txt", byte_dir, epochs=1, run_name="t")) == 1
     assert "--epochs counts passes over examples" in capsys.readouterr().err
+
+
+def test_ranks_share_each_epoch_rows_evenly_and_resume_from_rank_0s_state():
+    """Every rank streams as many rows per epoch (all examples among them), so the one state
+    a checkpoint keeps (rank 0's) puts every rank back exactly where it was."""
+    from gpt2.data.examples import Example, ExampleSet
+    from gpt2.train.batches import ExampleBatches
+    from gpt2.train.config import TrainConfig
+    from gpt2.train.distributed import DistInfo
+
+    rng = np.random.default_rng(0)
+    examples = [Example(np.full(n, i, np.int32), np.full(n, IGNORE, np.int32))
+                for i, n in enumerate(rng.integers(4, 60, 301))]
+    cfg = TrainConfig(dataset="x", batch_size=3)
+
+    def stream(rank, state=None, steps=40):
+        b = ExampleBatches(ExampleSet(examples, "messages"), None, cfg, 64, 257, 256, 7,
+                           DistInfo(rank=rank, world_size=3))
+        if state is not None:
+            b.load_state_dict(state)
+        out = [[int(v) for v in b.next().inputs[:, 0]] for _ in range(steps)]
+        return b, out
+
+    ranks = [stream(r, steps=0)[0] for r in range(3)]
+    assert len({len(b._rows) for b in ranks}) == 1
+    seen = {int(e.ids[0]) for b in ranks for row in b._rows for e in row}
+    assert seen == set(range(301))
+    b0, _ = stream(0, steps=0)
+    for _ in range(len(b0._rows) // 3 + 5):  # past the end of epoch 0
+        b0.next()
+    state = b0.state_dict()
+    assert state["epoch"] == 1
+    for r in range(3):
+        whole, stream_whole = stream(r, steps=len(b0._rows) // 3 + 5 + 10)
+        _, resumed = stream(r, state, steps=10)
+        assert resumed == stream_whole[-10:]

@@ -113,3 +113,25 @@ def test_muon_with_fsdp_is_one_line(tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="--optimizer muon cannot be combined with --fsdp"):
         parse_config(["--dataset", "x.txt", "--optimizer", "muon", "--fsdp"]).validate()
+
+
+def test_a_copied_optimizer_steps_as_the_original():
+    """copy/pickle carry only the groups and the state: the inner optimizers are rebuilt."""
+    model = tiny()
+    opt = build_optimizer(model, "muon", lr=1e-3, muon_lr=0.02)
+    ids = torch.randint(0, 97, (2, 16))
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids, targets=ids).backward()
+        if not opt.state:
+            opt.step()
+    twin = copy.deepcopy(opt)  # its groups hold copies of the parameters (without gradients)
+    for g, h in zip(opt.param_groups, twin.param_groups):
+        for p, q in zip(g["params"], h["params"]):
+            q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for g, h in zip(opt.param_groups, twin.param_groups):
+        assert g["lr"] == h["lr"] and g["muon"] == h["muon"]
+        for p, q in zip(g["params"], h["params"]):
+            assert p is not q and torch.equal(p, q)

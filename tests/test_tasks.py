@@ -212,3 +212,14 @@ def test_a_bad_lambada_record_is_one_line(tmp_path, gpt2_vocab_dir, capsys):
                  str(data)]) == 1
     assert capsys.readouterr().err.strip() == (f"error: {data}:4: 'text' must be a string of at "
                                                "least two words")
+
+
+def test_flags_that_do_not_apply_to_a_task_are_refused(tmp_path, capsys):
+    data = tmp_path / "hs.jsonl"
+    write_rows(data, 2)
+    for flag in (["--n_ctx", "16"], ["--stride", "8"], ["--dataset", "x.txt"],
+                 ["--precision", "bf16"]):
+        assert main(["evaluate", str(tmp_path), "--task", "hellaswag", "--data", str(data),
+                     *flag]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag[0]} does not apply to --task"), err

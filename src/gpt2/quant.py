@@ -13,7 +13,7 @@ tied to). The matmuls run in PyTorch's own int8 kernels, never one of ours:
   on a CPU decoding one token at a time, where reading the weights is the cost, it reads a
   quarter of the bytes of fp32;
 - CUDA, MPS and others: ``aten._weight_int8pack_mm`` (weight-only: the input stays in its
-  dtype).
+  dtype); where it has no kernel, the dequantized weight (correct, not faster).
 
 Applied from outside the model (the model module has no precision branches), like compile and
 DDP. ``Int8Linear.weight`` is the dequantized weight, for code that reads a layer's weight
@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -63,8 +64,11 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, x.size(-1)),
                                                    self._packed, True)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.qweight,
-                                               self.scales.to(x.dtype))
+        rows = x.reshape(-1, x.size(-1)).contiguous()  # (some kernels index it as dense)
+        try:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.to(x.dtype))
+        except (NotImplementedError, RuntimeError):  # no int8 kernel for this device or dtype
+            y = F.linear(rows, self.weight.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

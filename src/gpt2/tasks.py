@@ -121,6 +121,9 @@ def score_lambada(model, encoder, rows: list[dict], batch_size: int = 8,
         for row in chunk:
             words = row["text"].split(" ")
             ctx, cont = _encode_pair(encoder, " ".join(words[:-1]), " " + words[-1])
+            if not ctx and encoder.eot_token is None:
+                raise UserError("a LAMBADA text with an empty context needs a tokenizer with "
+                                "<|endoftext|> to start from")
             ctx = ctx or [encoder.eot_token]
             seqs.append((ctx + cont)[-(n_ctx + 1):][:-1])
             targets.append(cont)

@@ -134,8 +134,13 @@ def _task(args) -> int:
 
     if args.data is None:
         raise UserError(f"--task {args.task} needs --data PATH (the task's data file)")
-    if args.dataset or args.compare:
-        raise UserError("--task scores a benchmark: --dataset and --compare do not apply")
+    for flag, value in (("dataset", args.dataset), ("compare", args.compare),
+                        ("n_ctx", args.n_ctx), ("stride", args.stride)):
+        if value is not None:
+            raise UserError(f"--{flag} does not apply to --task (it scores the task's rows "
+                            "as the reference does)")
+    if args.precision != "fp32":
+        raise UserError("--precision does not apply to --task; --dtype sets the weights' type")
     device = pick_device(args.device)
     model_dir = find_model_dir(args.model_dir)
     check_model_dir(model_dir)

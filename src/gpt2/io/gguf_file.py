@@ -123,6 +123,12 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, encoder_dir: str
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+        try:
+            fill(w)
+        finally:
+            w.close()
+
+    def fill(w) -> None:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name or out.stem)
         w.add_description(f"GPT-2 exported by gpt2 {__version__} from {encoder_dir}")
@@ -152,6 +158,5 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, encoder_dir: str
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
 
     return atomic_write(out, write)

@@ -82,6 +82,16 @@ class CachedDecoder(torch.nn.Module):
         return (m.lm_head(m.ln_f(x)), *presents)
 
 
+def _link(src: Path, dst: Path) -> None:
+    """A hard link (no second copy of the weights), or a copy where links are not allowed."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dst)
+
+
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
@@ -169,9 +179,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike,
     else:
         onnx.save(graph, str(out / "model.onnx"))
     # transformers.js picks onnx/model.onnx for dtype fp32 and onnx/model_fp16.onnx for fp16
-    os.link(out / "model.onnx", out / "onnx" / ("model_fp16.onnx" if fp16 else "model.onnx"))
+    _link(out / "model.onnx", out / "onnx" / ("model_fp16.onnx" if fp16 else "model.onnx"))
     if len(files) > 1:
-        os.link(out / files[1], out / "onnx" / files[1])
+        _link(out / files[1], out / "onnx" / files[1])
     meta = json.loads((out / "config.json").read_text())
     meta["dtype"] = "float16" if fp16 else "float32"
     write_json(out / "config.json", meta)

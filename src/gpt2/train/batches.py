@@ -147,8 +147,8 @@ def collate(rows: list[list[Example]], width: int, pad: int, answers: bool = Fal
 class ExampleBatches:
     """Instruction/chat examples in shuffled epochs, packed into ``n_ctx`` rows (each example
     attending only to itself, positions from 0: gpt2.model's ``segments``) or one per row padded
-    to the longest of its batch. Each rank takes every world_size-th example of an epoch's
-    order and packs its share; the state (epoch, row) resumes the same stream exactly."""
+    to the longest of its batch. The epoch's rows are the same on every rank, and each rank
+    takes every world_size-th; the state (epoch, row) resumes every rank's stream exactly."""
 
     def __init__(self, train: ExampleSet, val: ExampleSet | None, cfg: TrainConfig, n_ctx: int,
                  n_vocab: int, eot: int, seed: int, dist: DistInfo):
@@ -167,28 +167,30 @@ class ExampleBatches:
         self.val_batches = self._val_batches(cfg) if val is not None else []
 
     def rows(self, epoch: int) -> list[list[Example]]:
-        """This rank's rows in ``epoch``: every world-th example of a permutation of all,
-        packed, the rows shuffled (packing sorts by length)."""
+        """This rank's rows in ``epoch``: all examples in a permutation of the epoch, packed
+        (the same rows on every rank), the rows shuffled (packing sorts them by length), and
+        every world-th of them. Every rank gets as many (the last few wrap around to the
+        epoch's first rows), so one (epoch, position) is every rank's place in its stream."""
         perm = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.examples))
-        rows = pack_rows([self.examples[i] for i in perm[self.rank::self.world]], self.n_ctx,
-                         self.packing)
-        if not self.packing:
-            return rows
-        return [rows[i] for i in np.random.default_rng([self.seed, 3, epoch])
-                .permutation(len(rows))]
+        rows = pack_rows([self.examples[i] for i in perm], self.n_ctx, self.packing)
+        if self.packing:
+            rows = [rows[i] for i in np.random.default_rng([self.seed, 3, epoch])
+                    .permutation(len(rows))]
+        share = -(-len(rows) // self.world)
+        return [rows[(self.rank + self.world * k) % len(rows)] for k in range(share)]
 
     @property
     def tokens(self) -> int:
         return self.batch_size * self.n_ctx
 
     def steps_per_epoch(self, accumulate: int) -> int:
-        """Updates in one epoch (all examples packed together, shared by every rank)."""
-        rows = len(pack_rows(self.examples, self.n_ctx, self.packing))
-        return max(1, -(-rows // (self.batch_size * accumulate * self.world)))
+        """Updates in one epoch (epoch 0's rows of this rank; every rank has as many)."""
+        rows = len(self._rows) if self.epoch == 0 else len(self.rows(0))
+        return max(1, -(-rows // (self.batch_size * accumulate)))
 
     def _take(self) -> list[Example]:
         """The next row of the stream (the next epoch's first at an epoch's end)."""
-        if self.position == len(self._rows):
+        if self.position >= len(self._rows):
             self.epoch, self.position = self.epoch + 1, 0
             self._rows = self.rows(self.epoch)
         self.position += 1
@@ -205,6 +207,8 @@ class ExampleBatches:
 
     def _val_batches(self, cfg: TrainConfig) -> list[Batch]:
         rows = pack_rows(self.val.examples, self.n_ctx, self.packing)
+        # best-fit sorts rows by length: a fixed shuffle, so that the rows kept are a sample
+        rows = [rows[i] for i in np.random.default_rng(4).permutation(len(rows))]
         rows = rows[:cfg.val_batch_count * cfg.val_batch_size]
         return [collate(rows[i:i + cfg.val_batch_size], self.n_ctx if self.packing else
                         max(sum(map(len, r)) for r in rows[i:i + cfg.val_batch_size]), self.pad,
@@ -224,11 +228,16 @@ class ExampleBatches:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "unit": "row",
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._rows = self.rows(self.epoch)
+        if state.get("unit") != "row":  # saved before rows were shared out: examples counted
+            share = len(self.examples) / self.world
+            self.position = round(self.position * len(self._rows) / share)
+        self.position = min(self.position, len(self._rows))
 
 
 def _held_out(examples: ExampleSet, fraction: float) -> tuple[ExampleSet, ExampleSet]:

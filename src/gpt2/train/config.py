@@ -273,6 +273,11 @@ class TrainConfig:
             from .tensorboard import require
 
             require()
+        import torch
+
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise UserError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9); this is "
+                            f"torch {torch.__version__}")
         if self.optimizer == "muon" and self.fsdp:
             raise UserError("--optimizer muon cannot be combined with --fsdp: Muon "
                             "orthogonalizes whole matrices and FSDP shards them (use DDP)")

@@ -69,12 +69,19 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["muon"]:
                 group["lr"] = muon_lr
+                group.setdefault("momentum", momentum)
+            else:
+                group.setdefault("fused", fused)
             group.setdefault("lr_scale", group["lr"] / lr if lr else 1.0)
-        self._muon = torch.optim.Muon([g for g in self.param_groups if g["muon"]],
-                                      lr=muon_lr, momentum=momentum, nesterov=True,
-                                      weight_decay=weight_decay)
-        self._adam = torch.optim.AdamW([g for g in self.param_groups if not g["muon"]], lr=lr,
-                                       weight_decay=weight_decay, fused=fused, **MUON_ADAM)
+        self._build()
+
+    def _build(self) -> None:
+        """The inner optimizers, over this one's groups (whose settings they take) and state."""
+        muon = [g for g in self.param_groups if g["muon"]]
+        adam = [g for g in self.param_groups if not g["muon"]]
+        self._muon = torch.optim.Muon(muon, lr=muon[0]["lr"] if muon else MUON_LR,
+                                      nesterov=True)
+        self._adam = torch.optim.AdamW(adam, lr=adam[0]["lr"] if adam else 1e-3, **MUON_ADAM)
         self._bind()
 
     def _bind(self) -> None:
@@ -87,6 +94,8 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         if "_muon" in self.__dict__:
             self._bind()
+        else:  # a copy or an unpickled one: only the groups and the state travel
+            self._build()
 
     @torch.no_grad()
     def step(self, closure=None):
