@@ -21,7 +21,7 @@ acc_norm for GPT-2 124M.)
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import math
 import os
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .data.examples import records
 from .errors import UserError
 
 
@@ -41,36 +42,21 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _jsonl(path: Path, limit: int | None):
-    """(record, "file:line") of a jsonl file's non-empty lines: JSON objects, or one line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            n_rows = 0
-            for n, line in enumerate(f, 1):
-                if limit is not None and n_rows >= limit:
-                    return
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not a JSON record ({e.msg}); a truncated "
-                                    "download?") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{where}: expected a JSON object")
-                n_rows += 1
-                yield row, where
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+def _records(path: Path, limit: int | None):
+    """(record, "file:line") of a task's file (the readers of example datasets: .jsonl,
+    compressed too), the first ``limit`` only; a record that is not an object is one line."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    for row, where in itertools.islice(records(path), limit):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        yield row, where
 
 
 def read_lambada(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """LAMBADA's records (``text``), checked: each must hold at least two words."""
     rows = []
-    for row, where in _jsonl(Path(path), limit):
+    for row, where in _records(Path(path), limit):
         text = row.get("text")
         if not isinstance(text, str) or len(text.split(" ")) < 2:
             raise UserError(f"{where}: 'text' must be a string of at least two words")
@@ -143,7 +129,7 @@ def read_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[di
     """The records of a HellaSwag jsonl file (``ctx``, four ``endings``, ``label``), checked:
     a record that is not one is one line naming the file and line."""
     rows = []
-    for row, where in _jsonl(Path(path), limit):
+    for row, where in _records(Path(path), limit):
         ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
         if not isinstance(ctx, str):
             raise UserError(f"{where}: 'ctx' must be a string")
