@@ -315,3 +315,48 @@ def test_huggingface_source(server, tmp_path):
     _assert_complete(tmp_path / "124M", files)
     ranges = [r for _, _, r in server.gets("/cdn/weights")]
     assert len(ranges) == 2 and 0 < _range_start(ranges[1]) <= len(files["model.safetensors"]) // 2
+
+
+def test_dataset_urls_are_the_canonical_ones():
+    from gpt2.io.download import DATASETS
+
+    assert DATASETS["hellaswag"][0] == ("https://raw.githubusercontent.com/rowanz/hellaswag/"
+                                        "master/data/hellaswag_val.jsonl")
+    assert DATASETS["lambada"][0] == ("https://openaipublic.blob.core.windows.net/gpt-2/data/"
+                                      "lambada_test.jsonl")
+    assert DATASETS["wikitext103"][:2] == ("https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
+                                           "wikitext-103-raw-v1.zip")
+
+
+def test_dataset_download_resumes_retries_and_checks_sha256(server, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from gpt2.cli import main as cli
+    from gpt2.io.download import DATASETS
+
+    data = b"".join(b'{"text": "row %d of the test set"}\n' % i for i in range(5000))
+    server.files["/gpt-2/data/lambada_test.jsonl"] = data
+    monkeypatch.setitem(DATASETS, "lambada", (
+        f"{server.url}/gpt-2/data/lambada_test.jsonl", "lambada_test.jsonl", len(data),
+        hashlib.sha256(data).hexdigest()))
+    server.cut.add("/gpt-2/data/lambada_test.jsonl")
+    server.fail500["/gpt-2/data/lambada_test.jsonl"] = 1
+    assert cli(["download", "--dataset", "lambada", "--data_dir", str(tmp_path / "data")]) == 0
+    assert (tmp_path / "data/lambada_test.jsonl").read_bytes() == data
+    assert os.listdir(tmp_path / "data") == ["lambada_test.jsonl"]
+    ranges = [r for _, _, r in server.gets()]
+    assert ranges[0] is None and 0 < _range_start(ranges[-1]) < len(data)
+    assert "Dataset saved in" in capsys.readouterr().out
+
+    # A file that is not the published one is moved aside and named, in one line
+    server.files["/gpt-2/data/lambada_test.jsonl"] = data[:-5] + b"XXXXX"
+    (tmp_path / "data/lambada_test.jsonl").unlink()
+    assert cli(["download", "--dataset", "lambada", "--data_dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {tmp_path / 'data/lambada_test.jsonl'}: sha256 ") and \
+        "is not the published" in err
+    assert os.listdir(tmp_path / "data") == ["lambada_test.jsonl.bad"]
+
+    # Neither or both of a model and --dataset: one line
+    assert cli(["download"]) == 1 and cli(["download", "124M", "--dataset", "lambada"]) == 1
+    assert capsys.readouterr().err.count("name a model or --dataset NAME") == 2

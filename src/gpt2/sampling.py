@@ -218,29 +218,40 @@ def _regrow(cached: torch.Tensor, capacity: int) -> torch.Tensor:
     return buf[:, :, :S]
 
 
-def decode(model: torch.nn.Module, context: torch.Tensor, length: int,
+def decode(model: torch.nn.Module, context: torch.Tensor | list[list[int]], length: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None,
            finished: Callable[[int, list[int]], bool] | None = None,
            progress: bool | None = False) -> list[list[int]]:
     """Continue each row of ``context`` [B, T] by up to ``length`` tokens: the new ids per row.
 
-    After each step, a row for which ``finished(row, its new ids)`` is true stops and leaves
-    the batch; the loop ends when every row has finished or ``length`` tokens were made. The
-    model runs in eval mode and inference mode, with the CPU decode kernels, and is put back
-    as it was. ``progress`` shows a tqdm bar (None: only when stderr is a terminal).
+    ``context`` may also be a list of id lists of different lengths: each is prefilled on
+    its own, then they decode together left-padded (:meth:`Decoder.join`). After each step, a
+    row for which ``finished(row, its new ids)`` is true stops and leaves the batch; the loop
+    ends when every row has finished or ``length`` tokens were made. The model runs in eval
+    mode and inference mode, with the CPU decode kernels, and is put back as it was.
+    ``progress`` shows a tqdm bar (None: only when stderr is a terminal).
     """
-    check_length(context.size(1), length, model.config.n_ctx)
+    if isinstance(context, torch.Tensor):
+        contexts = [context]
+    else:
+        device = next(model.parameters()).device
+        contexts = [torch.tensor([ids], dtype=torch.long, device=device) for ids in context]
+    for c in contexts:
+        check_length(c.size(1), length, model.config.n_ctx)
     check_params(temperature, top_k, top_p)
-    rows = context.size(0)
-    if length == 0:
+    rows = sum(c.size(0) for c in contexts)
+    if length == 0 or not rows:
         return [[] for _ in range(rows)]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), decode_kernels(model):
-            return _decode(Decoder(model, context, length), length, temperature, top_k, top_p,
-                           generator, finished, progress)
+            dec = Decoder(model, contexts[0], length)
+            for c in contexts[1:]:
+                dec.join(Decoder(model, c, length))
+            return _decode(dec, length, temperature, top_k, top_p, generator, finished,
+                           progress)
     finally:
         model.train(was_training)
 

@@ -2,7 +2,7 @@
 
     rows = read_hellaswag("hellaswag_val.jsonl")            # rowanz's jsonl, checked
     scores = score_hellaswag(model, encoder, rows)           # {"acc": ..., "acc_norm": ...}
-    read, score = TASKS["lambada"]                           # by --task name
+    read, score = TASKS["wikitext2"]                         # by --task name
 
 **LAMBADA** (OpenAI's ``lambada_test.jsonl``, as lm-evaluation-harness's ``lambada_openai``):
 the context is the text without its last word, the target ``" " + last word``, tokenized as
@@ -16,14 +16,25 @@ summed over the ending's tokens only. ``acc``: the ending of lowest summed loss 
 ``acc_norm``: lowest mean loss per ending token. (lm-evaluation-harness's ``hellaswag``
 normalizes by characters and preprocesses the text: other numbers, 0.3114 against 0.2955
 acc_norm for GPT-2 124M.)
+
+**WikiText-2/103** (the raw test sets: ``wikitext-2-raw-v1.zip`` or its ``wiki.test.raw``):
+the text is split into articles and detokenized as lm-evaluation-harness's ``wikitext`` task
+does; ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte`` are the harness's (disjoint
+windows of ``n_ctx``, per word/byte of the original article), ``token_perplexity`` a sliding
+window of stride ``n_ctx / 2`` over the same articles (:func:`score_wikitext`).
+
+:func:`continuation_scores` and :func:`rolling_windows` are the harness's two scoring rules;
+:mod:`gpt2.lm_eval` answers the harness's requests with them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -66,7 +77,7 @@ def read_lambada(path: str | os.PathLike, limit: int | None = None) -> list[dict
     return rows
 
 
-def _chunks(rows: list, batch_size: int, desc: str, progress: bool | None):
+def in_chunks(rows: list, batch_size: int, desc: str, progress: bool | None):
     """``rows`` in chunks of ``batch_size``, with a progress bar (on a terminal by default)."""
     bar = tqdm(total=len(rows), desc=desc, unit="example",
                disable=progress is False or (progress is None and not os.isatty(2)))
@@ -85,8 +96,8 @@ def _padded(seqs: list[list[int]]) -> torch.Tensor:
     return tokens
 
 
-def _encode_pair(encoder, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The harness's split (HFLM._encode_pair): trailing spaces of the context move to the
+def encode_pair(encoder, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's split (HFLM.encode_pair): trailing spaces of the context move to the
     continuation; the continuation's ids are the whole text's after the context's."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -96,33 +107,63 @@ def _encode_pair(encoder, context: str, continuation: str) -> tuple[list[int], l
 
 
 @torch.no_grad()
+def continuation_scores(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
+                        desc: str = "scoring", progress: bool | None = None
+                        ) -> list[tuple[float, bool]]:
+    """(summed log-likelihood, all greedy) of each continuation given its context, as
+    lm-evaluation-harness's HF backend scores a ``loglikelihood`` request: the model sees
+    ``(context + continuation)[-(n_ctx + 1):][:-1]`` and the continuation's tokens are read
+    from the last positions. Longest first in batches of ``batch_size``, right-padded."""
+    device = next(model.parameters()).device
+    n_ctx = model.config.n_ctx
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for chunk in in_chunks(order, batch_size, desc, progress):
+        seqs = [(pairs[i][0] + pairs[i][1])[-(n_ctx + 1):][:-1] for i in chunk]
+        logits = model(_padded(seqs).to(device))
+        for r, i in enumerate(chunk):
+            cont, end = pairs[i][1], len(seqs[r])
+            logprobs = F.log_softmax(logits[r, end - len(cont):end].float(), dim=-1).cpu()
+            want = torch.tensor(cont)
+            out[i] = (float(logprobs.gather(1, want[:, None]).sum()),
+                      bool((logprobs.argmax(-1) == want).all()))
+    return out
+
+
+def rolling_windows(tokens: list[int], prefix: int, n_ctx: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs that score every token of ``tokens`` once, as the
+    harness's ``loglikelihood_rolling`` does (``get_rolling_token_windows`` with
+    ``context_len=1``, made disjoint): windows of ``n_ctx`` predicted tokens, the first one
+    predicted from ``prefix`` (<|endoftext|>), each later one from the token before it; a
+    shorter last window is read with the tokens before it, to fill the model's window."""
+    out = []
+    for start in range(0, len(tokens), n_ctx):
+        end = min(start + n_ctx, len(tokens))
+        out.append((tokens[end - n_ctx - 1:start] if start else [prefix], tokens[start:end]))
+    return out
+
+
+def context_ids(encoder, ctx: list[int], what: str) -> list[int]:
+    if ctx:
+        return ctx
+    if encoder.eot_token is None:
+        raise UserError(f"{what} with an empty context needs a tokenizer with <|endoftext|> "
+                        "to start from")
+    return [encoder.eot_token]
+
+
 def score_lambada(model, encoder, rows: list[dict], batch_size: int = 8,
                   progress: bool | None = None) -> dict:
     """acc and perplexity of the last words (see the module docstring)."""
-    device = next(model.parameters()).device
-    n_ctx = model.config.n_ctx
-    lls, greedy = [], []
-    for chunk in _chunks(rows, batch_size, "lambada", progress):
-        seqs, targets = [], []
-        for row in chunk:
-            words = row["text"].split(" ")
-            ctx, cont = _encode_pair(encoder, " ".join(words[:-1]), " " + words[-1])
-            if not ctx and encoder.eot_token is None:
-                raise UserError("a LAMBADA text with an empty context needs a tokenizer with "
-                                "<|endoftext|> to start from")
-            ctx = ctx or [encoder.eot_token]
-            seqs.append((ctx + cont)[-(n_ctx + 1):][:-1])
-            targets.append(cont)
-        tokens = _padded(seqs)
-        logprobs = F.log_softmax(model(tokens.to(device)).float(), dim=-1).cpu()
-        for r, (ids, cont) in enumerate(zip(seqs, targets)):
-            rows_lp = logprobs[r, len(ids) - len(cont):len(ids)]
-            want = torch.tensor(cont)
-            lls.append(float(rows_lp.gather(1, want[:, None]).sum()))
-            greedy.append(bool((rows_lp.argmax(-1) == want).all()))
-    n = len(rows)
-    return {"task": "lambada", "examples": n, "acc": sum(greedy) / n, "correct": sum(greedy),
-            "perplexity": math.exp(-sum(lls) / n)}
+    pairs = []
+    for row in rows:
+        words = row["text"].split(" ")
+        ctx, cont = encode_pair(encoder, " ".join(words[:-1]), " " + words[-1])
+        pairs.append((context_ids(encoder, ctx, "a LAMBADA text"), cont))
+    scores = continuation_scores(model, pairs, batch_size, "lambada", progress)
+    n, correct = len(rows), sum(greedy for _, greedy in scores)
+    return {"task": "lambada", "examples": n, "acc": correct / n, "correct": correct,
+            "perplexity": math.exp(-sum(ll for ll, _ in scores) / n)}
 
 
 def read_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -168,7 +209,7 @@ def score_hellaswag(model, encoder, rows: list[dict], batch_size: int = 8,
     device = next(model.parameters()).device
     n_ctx = model.config.n_ctx
     correct = correct_norm = 0
-    for chunk in _chunks(rows, batch_size, "hellaswag", progress):
+    for chunk in in_chunks(rows, batch_size, "hellaswag", progress):
         ids, starts = [], []
         for row in chunk:
             ctx = encoder.encode(row["ctx"])
@@ -186,5 +227,125 @@ def score_hellaswag(model, encoder, rows: list[dict], batch_size: int = 8,
             "correct": correct, "correct_norm": correct_norm}
 
 
+# The test split inside the raw zips (https://wikitext.smerity.com/wikitext-*-raw-v1.zip).
+WIKITEXT_MEMBERS = {"wikitext2": "wikitext-2-raw/wiki.test.raw",
+                    "wikitext103": "wikitext-103-raw/wiki.test.raw"}
+
+
+def wikitext_pages(text: str) -> list[str]:
+    """The raw text split into articles as lm-evaluation-harness's ``wikitext`` data
+    (EleutherAI/wikitext_document_level): a page starts at a top-level heading (`` = Title =
+    ``; ``= = Section = =`` does not start one) and keeps its lines joined by newlines; a
+    whitespace-only page is dropped, except the last."""
+    pages, lines = [], []
+    for line in text.split("\n"):
+        heading = line.replace("= = =", "===").replace("= =", "==").strip()
+        if heading.startswith("= ") and heading.endswith(" ="):
+            page = "\n".join(lines)
+            if page.strip():
+                pages.append(page)
+            lines = []
+        lines.append(line)
+    pages.append("\n".join(lines))
+    return pages
+
+
+def read_wikitext(path: str | os.PathLike, limit: int | None = None,
+                  task: str = "wikitext2") -> list[dict]:
+    """The test articles (``page``) of WikiText's raw zip (``wikitext-2-raw-v1.zip``), of its
+    ``wiki.test.raw``, or of a .jsonl of ``{"page": ...}`` records; the first ``limit`` only."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix in (".jsonl", ".gz", ".zst", ".bz2", ".xz"):
+        pages = []
+        for row, where in _records(path, limit):
+            if not isinstance(row.get("page"), str):
+                raise UserError(f"{where}: 'page' must be a string")
+            pages.append(row["page"])
+    else:
+        try:
+            if zipfile.is_zipfile(path):
+                member = WIKITEXT_MEMBERS[task]
+                with zipfile.ZipFile(path) as z:
+                    if member not in z.namelist():
+                        raise UserError(f"{path}: has no {member} (is it the {task} raw zip?)")
+                    raw = z.read(member)
+            else:
+                raw = path.read_bytes()
+            text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+            raise UserError(f"{path}: not a readable zip ({e}); download it again") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte {e.start}); is it "
+                            "wiki.test.raw?") from None
+        pages = wikitext_pages(text)[:limit]
+    if not any(p.strip() for p in pages):
+        raise UserError(f"{path}: no text")
+    return [{"page": p} for p in pages]
+
+
+def wikitext_detokenize(page: str) -> str:
+    """lm-evaluation-harness's ``wikitext_detokenizer``: WikiText's spaced-out punctuation,
+    number separators (`` @-@ ``) and brackets put back as ordinary text."""
+    s = page.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    for old, new in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "),
+                     (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")):
+        s = s.replace(old, new)
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    for old, new in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+                     (" \u00b0 ", "\u00b0"), (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "),
+                     (" 's", "'s")):
+        s = s.replace(old, new)
+    return s
+
+
+def score_wikitext(model, encoder, rows: list[dict], batch_size: int = 8,
+                   progress: bool | None = None, stride: int | None = None,
+                   task: str = "wikitext2") -> dict:
+    """Perplexities of the detokenized articles.
+
+    ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte`` as lm-evaluation-harness's
+    ``wikitext`` task: each article's log-likelihood from disjoint windows of ``n_ctx`` tokens
+    (:func:`rolling_windows`), divided by the words (``\\s+`` splits) and UTF-8 bytes of the
+    article *before* detokenization. ``token_perplexity``: a sliding window of ``n_ctx``
+    tokens moving ``stride`` (default ``n_ctx // 2``) over each article, every token scored
+    once with at least ``n_ctx - stride`` tokens before it (:func:`gpt2.evaluate.evaluate`);
+    each article starts after <|endoftext|>, so its first token is scored too.
+    """
+    from .evaluate import evaluate
+
+    n_ctx = model.config.n_ctx
+    stride = stride or max(n_ctx // 2, 1)
+    if not 1 <= stride <= n_ctx:
+        raise UserError(f"--stride {stride}: must be in [1, n_ctx={n_ctx}]")
+    eot = context_ids(encoder, [], "WikiText")[0]
+    tokens = [encoder.encode(wikitext_detokenize(row["page"])) for row in rows]
+    windows, owner = [], []
+    for i, ids in enumerate(tokens):
+        for w in rolling_windows(ids, eot, n_ctx):
+            windows.append(w)
+            owner.append(i)
+    ll = sum(s for s, _ in continuation_scores(model, windows, batch_size, task, progress))
+    words = sum(len(re.split(r"\s+", row["page"])) for row in rows)
+    nbytes = sum(len(row["page"].encode("utf-8")) for row in rows)
+    sliding = evaluate(model, [[eot] + ids for ids in tokens if ids], n_ctx=n_ctx,
+                       stride=stride, batch_size=batch_size, progress=progress)
+    return {"task": task, "examples": len(rows), "word_perplexity": math.exp(-ll / words),
+            "byte_perplexity": math.exp(-ll / nbytes),
+            "bits_per_byte": -ll / nbytes / math.log(2),
+            "token_perplexity": sliding["perplexity"], "tokens": sliding["tokens"],
+            "words": words, "bytes": nbytes, "stride": stride}
+
+
 # --task name -> (read the data file, score a model on its rows)
-TASKS = {"hellaswag": (read_hellaswag, score_hellaswag), "lambada": (read_lambada, score_lambada)}
+TASKS = {"hellaswag": (read_hellaswag, score_hellaswag), "lambada": (read_lambada, score_lambada),
+         **{name: (functools.partial(read_wikitext, task=name),
+                   functools.partial(score_wikitext, task=name)) for name in WIKITEXT_MEMBERS}}

@@ -5,6 +5,7 @@
     gpt2 evaluate checkpoint/run1 --dataset data/test.txt --compare models/124M
     gpt2 evaluate checkpoint/run1 --task hellaswag --data hellaswag_val.jsonl --out hs.json
     gpt2 evaluate checkpoint/run1 --task lambada --data lambada_test.jsonl
+    gpt2 download --dataset wikitext2 && gpt2 evaluate models/124M --task wikitext2
 
 Which tokens are scored, and how: :mod:`gpt2.evaluate`.
 """
@@ -26,6 +27,7 @@ from ..io.model_dir import check_model_dir, load_model
 from ..io.paths import find_model_dir
 from ..runtime import PRECISIONS, pick_device
 from ..sampling import sample_sequence
+from ..tasks import TASKS
 from ..tokenizer.files import encoder_fingerprint, load_encoder
 from .common import add_dtype_argument, with_dtype
 
@@ -70,13 +72,19 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dataset", default=None,
                    help="text file, directory, glob, .npz or .bin; a corpus directory with a "
                         "test/ folder means that split (required unless --task)")
-    p.add_argument("--task", choices=["hellaswag", "lambada"], default=None,
+    p.add_argument("--task", choices=list(TASKS), default=None,
                    help="a benchmark scored as its reference does (gpt2.tasks): hellaswag's "
                         "acc and acc_norm as build-nanogpt's hellaswag.py; lambada's last-word "
-                        "acc and perplexity as lm-evaluation-harness's lambada_openai")
+                        "acc and perplexity as lm-evaluation-harness's lambada_openai; "
+                        "wikitext2/103's word, byte and sliding-window token perplexity (the "
+                        "first two as the harness's wikitext)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="--task: the task's data file (hellaswag: rowanz's hellaswag_val.jsonl; "
-                        "lambada: OpenAI's lambada_test.jsonl)")
+                        "lambada: OpenAI's lambada_test.jsonl; wikitext2/103: the raw zip or its "
+                        "wiki.test.raw); default: where `gpt2 download --dataset TASK` puts it "
+                        "under --data_dir")
+    p.add_argument("--data_dir", default="data",
+                   help="--task without --data: the folder `gpt2 download --dataset` filled")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="--task: score the first N examples only")
     p.add_argument("--out", default=None, metavar="FILE",
@@ -93,7 +101,8 @@ def build_parser() -> ArgumentParser:
                    help="window length in tokens (default: the model's n_ctx)")
     p.add_argument("--stride", type=int, default=None,
                    help="sliding-window step; each window scores only tokens the previous one "
-                        "did not (default: n_ctx, non-overlapping windows)")
+                        "did not (default: n_ctx, non-overlapping windows; --task wikitext*: "
+                        "n_ctx/2)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
@@ -130,12 +139,17 @@ def _print_comparison(dirs, results, samples, prompts, seed: int) -> None:
 def _task(args) -> int:
     """--task: a benchmark's scores, printed as a table and written to --out."""
     from ..io.atomic import write_json
-    from ..tasks import TASKS, sha256_of
+    from ..io.download import dataset_path
+    from ..tasks import sha256_of
 
     if args.data is None:
-        raise UserError(f"--task {args.task} needs --data PATH (the task's data file)")
+        args.data = dataset_path(args.task, args.data_dir)
+        if not args.data.is_file():
+            raise UserError(f"--task {args.task}: no {args.data}; run `gpt2 download --dataset "
+                            f"{args.task}` or give --data PATH")
+    wikitext = args.task.startswith("wikitext")
     for flag, value in (("dataset", args.dataset), ("compare", args.compare),
-                        ("n_ctx", args.n_ctx), ("stride", args.stride)):
+                        ("n_ctx", args.n_ctx), ("stride", None if wikitext else args.stride)):
         if value is not None:
             raise UserError(f"--{flag} does not apply to --task (it scores the task's rows "
                             "as the reference does)")
@@ -148,10 +162,12 @@ def _task(args) -> int:
     rows = read(args.data, args.limit)  # checked before the model is loaded
     enc = load_encoder(model_dir)
     model = with_dtype(load_model(model_dir, device=device), args.dtype)
-    result = score(model, enc, rows, batch_size=args.batch_size)
+    options = {"stride": args.stride} if wikitext else {}
+    result = score(model, enc, rows, batch_size=args.batch_size, **options)
     result.update(data=str(args.data), data_sha256=sha256_of(args.data), model=str(model_dir),
                   dtype=args.dtype, limit=args.limit)
-    metrics = [k for k in ("acc", "acc_norm", "perplexity") if k in result]
+    metrics = [k for k in ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity",
+                           "bits_per_byte", "token_perplexity") if k in result]
     print("| task | examples | " + " | ".join(metrics) + " |\n|---|---|" + "---|" * len(metrics))
     print(f"| {args.task} | {result['examples']} | " +
           " | ".join(f"{result[k]:.4f}" for k in metrics) + " |")

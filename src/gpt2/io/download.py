@@ -194,6 +194,56 @@ def fetch(session: requests.Session, url: str, dest: Path, retries: int = 5,
     return True
 
 
+# name -> (canonical URL, file name, size in bytes, sha256): the files evaluation tasks read.
+# Sizes and checksums as Hugging Face datasets' and lm-evaluation-harness's loaders pin them.
+DATASETS = {
+    "hellaswag": ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                  "hellaswag_val.jsonl", "hellaswag_val.jsonl", 12246618,
+                  "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"),
+    "lambada": ("https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+                "lambada_test.jsonl", 1819752,
+                "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"),
+    "wikitext2": ("https://wikitext.smerity.com/wikitext-2-raw-v1.zip", "wikitext-2-raw-v1.zip",
+                  4721645, "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"),
+    "wikitext103": ("https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
+                    "wikitext-103-raw-v1.zip", 191984949,
+                    "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"),
+}
+
+
+def dataset_path(name: str, data_dir: str | os.PathLike = "data") -> Path:
+    """Where ``gpt2 download --dataset name`` puts the file."""
+    return Path(os.path.expanduser(os.fspath(data_dir))) / DATASETS[name][1]
+
+
+def download_dataset(name: str, data_dir: str | os.PathLike = "data",
+                     base_url: str | None = None, retries: int = 5) -> Path:
+    """Fetch an evaluation task's data file (:data:`DATASETS`) into ``data_dir`` with the
+    model download's resume and retries, then check its sha256; a file that does not match
+    is removed (``<file>.bad`` keeps it for a look) and the error says so. ``base_url``: a
+    mirror holding the same file name. Returns the file's path."""
+    if name not in DATASETS:
+        raise UserError(f"--dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if retries < 1:
+        raise UserError(f"--retries {retries}: must be at least 1")
+    url, file, _, sha256 = DATASETS[name]
+    if base_url is not None:
+        url = f"{base_url.rstrip('/')}/{file}"
+    dest = dataset_path(name, data_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _session() as session:
+        fetch(session, url, dest, retries=retries)
+    from ..tasks import sha256_of
+
+    got = sha256_of(dest)
+    if got != sha256:
+        bad = dest.with_name(dest.name + ".bad")
+        os.replace(dest, bad)
+        raise UserError(f"{dest}: sha256 {got} is not the published {sha256}; moved to {bad} "
+                        "(run again to download it anew)")
+    return dest
+
+
 def download_model(model: str, models_dir: str | os.PathLike = "models",
                    base_url: str | None = None, source: str = "release", retries: int = 5) -> Path:
     """Fetch ``model`` (124M, 355M, 774M, 1558M, or 117M/345M) into ``models_dir/<name>``.
