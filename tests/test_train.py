@@ -709,3 +709,32 @@ def test_lora_refuses_fsdp_and_fresh(tmp_path, data, model_dir, capsys):
     for extra in (["--fsdp"], ["--init", "fresh"]):
         assert run(main, args(data, model_dir, "--lora_rank", "2", *extra)) == 1
         assert "--lora_rank cannot be combined" in capsys.readouterr().err
+
+
+def test_evals_during_training_go_to_metrics_and_the_plot(tmp_path, data, model_dir, capsys):
+    """--eval_every: the benchmarks at step 0 and every N steps, in the log, metrics.jsonl and
+    gpt2 plot's second panel; the last equal `gpt2 evaluate --task` on the saved model."""
+    from test_train_parts import write_eval_files
+
+    from gpt2.cli import main as cli
+
+    pytest.importorskip("matplotlib")
+    hellaswag, lambada = write_eval_files(tmp_path)
+    assert main(args(data, model_dir, max_steps=4, eval_every=2, eval_limit=5,
+                     eval_tasks=f"hellaswag={hellaswag},lambada={lambada}")) == 0
+    out = capsys.readouterr().out
+    assert "Scoring hellaswag (5 examples)..." in out
+    assert any(line.startswith("[2 | ") and "hellaswag_acc_norm = " in line
+               for line in out.splitlines())
+    rows = metrics(tmp_path / "checkpoint/run1")
+    keys = {"hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_perplexity"}
+    assert [r["step"] for r in rows if keys <= set(r)] == [0, 2, 4]
+    assert not keys & set(rows[1])
+    assert cli(["evaluate", str(tmp_path / "checkpoint/run1"), "--task", "lambada", "--data",
+                str(lambada), "--limit", "5", "--out", str(tmp_path / "l.json")]) == 0
+    assert json.loads((tmp_path / "l.json").read_text())["perplexity"] == pytest.approx(
+        rows[-1]["lambada_perplexity"], rel=1e-5)
+    assert cli(["plot", str(tmp_path / "checkpoint/run1"), "--out", str(tmp_path / "p.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p.png").size[0] > 1500  # two panels side by side

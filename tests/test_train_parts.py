@@ -136,3 +136,57 @@ def test_validation_is_the_mean_batch_loss_and_stops_within_a_pass(data, model_d
     assert validation.run(stop) is None and stop.calls == 3 and gpt.training
     texts = training_samples(model, load_encoder(model_dir), cfg, start.seed, 0, 5, ONE)
     assert len(texts) == 1 and len(texts[0]) <= 5 * 4  # byte-level tokens: up to 4 bytes each
+
+
+def write_eval_files(tmp_path) -> tuple:
+    """Short HellaSwag and LAMBADA records (the tiny model's context is 32 byte tokens)."""
+    import json
+
+    hellaswag, lambada = tmp_path / "hs.jsonl", tmp_path / "lambada.jsonl"
+    with open(hellaswag, "w") as f:
+        for i in range(7):
+            f.write(json.dumps({"ctx": f"the city {i} was", "label": i % 4,
+                                "endings": ["new.", "in one state.", "first", "the school"]})
+                    + "\n")
+    with open(lambada, "w") as f:
+        for i in range(9):
+            f.write(json.dumps({"text": f"it was the {['new', 'first', 'one'][i % 3]} city"})
+                    + "\n")
+    return hellaswag, lambada
+
+
+def test_task_evals_score_as_the_tasks_do_and_stop_within_a_pass(tmp_path, data, model_dir):
+    from gpt2.tasks import read_hellaswag, read_lambada, score
+    from gpt2.train.evaluation import TaskEvals
+
+    hellaswag, lambada = write_eval_files(tmp_path)
+    cfg = config(data, model_dir, eval_every=1, eval_limit=6, batch_size=4,
+                 eval_tasks=f"hellaswag={hellaswag}, lambada={lambada}")
+    start = start_of(cfg)
+    model = build_training_model(cfg, start, ONE, lambda *a: None)
+    encoder = load_encoder(model_dir)
+    evals = TaskEvals(cfg, model, encoder, ONE, lambda *a: None)
+    gpt = model.parallel.model
+    scores = evals.run(Stop())
+    assert gpt.training  # back in training mode
+    gpt.eval()
+    hs = score("hellaswag", gpt, encoder, read_hellaswag(hellaswag, 6))
+    lb = score("lambada", gpt, encoder, read_lambada(lambada, 6))
+    gpt.train()
+    assert scores == pytest.approx({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm":
+                                    hs["acc_norm"], "lambada_acc": lb["acc"],
+                                    "lambada_perplexity": lb["perplexity"]}, rel=1e-6)
+    assert hs["examples"] == lb["examples"] == 6
+    stop = Stop(after=1)  # Ctrl-C after the first batch: no scores, training mode again
+    assert evals.run(stop) is None and gpt.training and stop.calls == 2
+
+
+@pytest.mark.parametrize("tasks, says", [
+    ("wikitext2", "'wikitext2' is not one of hellaswag, lambada"),
+    ("lambada", "lambada: no data/lambada_test.jsonl; run `gpt2 download --dataset lambada`"),
+    (" , ", "name at least one task"),
+])
+def test_eval_tasks_are_checked_before_anything_loads(data, model_dir, tasks, says):
+    with pytest.raises(UserError, match="--eval_tasks: ") as e:
+        config(data, model_dir, eval_every=5, eval_tasks=tasks)
+    assert says in str(e.value)

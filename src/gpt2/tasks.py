@@ -1,8 +1,8 @@
 """Benchmark tasks scored as their reference implementations score them.
 
     rows = read_hellaswag("hellaswag_val.jsonl")            # rowanz's jsonl, checked
-    scores = score_hellaswag(model, encoder, rows)           # {"acc": ..., "acc_norm": ...}
-    read, score = TASKS["wikitext2"]                         # by --task name
+    scores = score("hellaswag", model, encoder, rows)        # {"acc": ..., "acc_norm": ...}
+    read, sums = TASKS["wikitext2"]                          # by --task name; sums add up
 
 **LAMBADA** (OpenAI's ``lambada_test.jsonl``, as lm-evaluation-harness's ``lambada_openai``):
 the context is the text without its last word, the target ``" " + last word``, tokenized as
@@ -21,7 +21,7 @@ acc_norm for GPT-2 124M.)
 the text is split into articles and detokenized as lm-evaluation-harness's ``wikitext`` task
 does; ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte`` are the harness's (disjoint
 windows of ``n_ctx``, per word/byte of the original article), ``token_perplexity`` a sliding
-window of stride ``n_ctx / 2`` over the same articles (:func:`score_wikitext`).
+window of stride ``n_ctx / 2`` over the same articles (:func:`wikitext_sums`).
 
 :func:`continuation_scores` and :func:`rolling_windows` are the harness's two scoring rules;
 :mod:`gpt2.lm_eval` answers the harness's requests with them.
@@ -36,6 +36,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,20 @@ def read_lambada(path: str | os.PathLike, limit: int | None = None) -> list[dict
     return rows
 
 
-def in_chunks(rows: list, batch_size: int, desc: str, progress: bool | None):
-    """``rows`` in chunks of ``batch_size``, with a progress bar (on a terminal by default)."""
+class Stopped(Exception):
+    """A scoring pass ended early because its ``stop()`` said so (Ctrl-C in training)."""
+
+
+def in_chunks(rows: list, batch_size: int, desc: str, progress: bool | None,
+              stop: Callable[[], bool] | None = None):
+    """``rows`` in chunks of ``batch_size``, with a progress bar (on a terminal by default);
+    :class:`Stopped` is raised before a chunk when ``stop()`` is true."""
     bar = tqdm(total=len(rows), desc=desc, unit="example",
                disable=progress is False or (progress is None and not os.isatty(2)))
     for i in range(0, len(rows), batch_size):
+        if stop is not None and stop():
+            bar.close()
+            raise Stopped
         yield rows[i:i + batch_size]
         bar.update(min(batch_size, len(rows) - i))
     bar.close()
@@ -108,17 +118,21 @@ def encode_pair(encoder, context: str, continuation: str) -> tuple[list[int], li
 
 @torch.no_grad()
 def continuation_scores(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                        desc: str = "scoring", progress: bool | None = None
-                        ) -> list[tuple[float, bool]]:
+                        desc: str = "scoring", progress: bool | None = None,
+                        stop: Callable[[], bool] | None = None) -> list[tuple[float, bool]]:
     """(summed log-likelihood, all greedy) of each continuation given its context, as
     lm-evaluation-harness's HF backend scores a ``loglikelihood`` request: the model sees
     ``(context + continuation)[-(n_ctx + 1):][:-1]`` and the continuation's tokens are read
     from the last positions. Longest first in batches of ``batch_size``, right-padded."""
     device = next(model.parameters()).device
     n_ctx = model.config.n_ctx
+    longest = max((len(cont) for _, cont in pairs), default=0)
+    if longest > n_ctx:
+        raise UserError(f"a continuation of {longest} tokens does not fit the model's context "
+                        f"of {n_ctx}")
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    for chunk in in_chunks(order, batch_size, desc, progress):
+    for chunk in in_chunks(order, batch_size, desc, progress, stop):
         seqs = [(pairs[i][0] + pairs[i][1])[-(n_ctx + 1):][:-1] for i in chunk]
         logits = model(_padded(seqs).to(device))
         for r, i in enumerate(chunk):
@@ -152,18 +166,17 @@ def context_ids(encoder, ctx: list[int], what: str) -> list[int]:
     return [encoder.eot_token]
 
 
-def score_lambada(model, encoder, rows: list[dict], batch_size: int = 8,
-                  progress: bool | None = None) -> dict:
-    """acc and perplexity of the last words (see the module docstring)."""
+def lambada_sums(model, encoder, rows: list[dict], batch_size: int = 8,
+                 progress: bool | None = None, stop: Callable[[], bool] | None = None) -> dict:
+    """Correct last words and their summed log-likelihood (see the module docstring)."""
     pairs = []
     for row in rows:
         words = row["text"].split(" ")
         ctx, cont = encode_pair(encoder, " ".join(words[:-1]), " " + words[-1])
         pairs.append((context_ids(encoder, ctx, "a LAMBADA text"), cont))
-    scores = continuation_scores(model, pairs, batch_size, "lambada", progress)
-    n, correct = len(rows), sum(greedy for _, greedy in scores)
-    return {"task": "lambada", "examples": n, "acc": correct / n, "correct": correct,
-            "perplexity": math.exp(-sum(ll for ll, _ in scores) / n)}
+    scores = continuation_scores(model, pairs, batch_size, "lambada", progress, stop)
+    return {"examples": len(rows), "correct": sum(greedy for _, greedy in scores),
+            "loglikelihood": sum(ll for ll, _ in scores)}
 
 
 def read_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -203,18 +216,19 @@ def _ending_losses(model, rows: list[list[int]], starts: list[int], device) -> t
 
 
 @torch.no_grad()
-def score_hellaswag(model, encoder, rows: list[dict], batch_size: int = 8,
-                    progress: bool | None = None) -> dict:
-    """acc and acc_norm over ``rows`` (``batch_size`` examples, 4 rows each, per forward)."""
+def hellaswag_sums(model, encoder, rows: list[dict], batch_size: int = 8,
+                   progress: bool | None = None, stop: Callable[[], bool] | None = None) -> dict:
+    """Examples whose label has the lowest summed / mean ending loss (``batch_size``
+    examples, 4 rows each, per forward)."""
     device = next(model.parameters()).device
     n_ctx = model.config.n_ctx
     correct = correct_norm = 0
-    for chunk in in_chunks(rows, batch_size, "hellaswag", progress):
+    for chunk in in_chunks(rows, batch_size, "hellaswag", progress, stop):
         ids, starts = [], []
         for row in chunk:
             ctx = encoder.encode(row["ctx"])
             for ending in row["endings"]:
-                end = encoder.encode(" " + ending)
+                end = encoder.encode(" " + ending)[-(n_ctx - 1):]  # (longer: its end only)
                 full = (ctx + end)[-n_ctx:]  # (a context longer than n_ctx keeps its end)
                 ids.append(full)
                 starts.append(len(full) - len(end))
@@ -222,9 +236,7 @@ def score_hellaswag(model, encoder, rows: list[dict], batch_size: int = 8,
         for row, s in zip(chunk, scores):
             correct += int(s[:, 0].argmin()) == row["label"]
             correct_norm += int(s[:, 1].argmin()) == row["label"]
-    n = len(rows)
-    return {"task": "hellaswag", "examples": n, "acc": correct / n, "acc_norm": correct_norm / n,
-            "correct": correct, "correct_norm": correct_norm}
+    return {"examples": len(rows), "correct": correct, "correct_norm": correct_norm}
 
 
 # The test split inside the raw zips (https://wikitext.smerity.com/wikitext-*-raw-v1.zip).
@@ -307,10 +319,10 @@ def wikitext_detokenize(page: str) -> str:
     return s
 
 
-def score_wikitext(model, encoder, rows: list[dict], batch_size: int = 8,
-                   progress: bool | None = None, stride: int | None = None,
-                   task: str = "wikitext2") -> dict:
-    """Perplexities of the detokenized articles.
+def wikitext_sums(model, encoder, rows: list[dict], batch_size: int = 8,
+                  progress: bool | None = None, stop: Callable[[], bool] | None = None,
+                  stride: int | None = None) -> dict:
+    """The detokenized articles' log-likelihoods and what they are divided by.
 
     ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte`` as lm-evaluation-harness's
     ``wikitext`` task: each article's log-likelihood from disjoint windows of ``n_ctx`` tokens
@@ -333,19 +345,37 @@ def score_wikitext(model, encoder, rows: list[dict], batch_size: int = 8,
         for w in rolling_windows(ids, eot, n_ctx):
             windows.append(w)
             owner.append(i)
-    ll = sum(s for s, _ in continuation_scores(model, windows, batch_size, task, progress))
+    ll = sum(s for s, _ in continuation_scores(model, windows, batch_size, "wikitext", progress,
+                                               stop))
     words = sum(len(re.split(r"\s+", row["page"])) for row in rows)
     nbytes = sum(len(row["page"].encode("utf-8")) for row in rows)
     sliding = evaluate(model, [[eot] + ids for ids in tokens if ids], n_ctx=n_ctx,
                        stride=stride, batch_size=batch_size, progress=progress)
-    return {"task": task, "examples": len(rows), "word_perplexity": math.exp(-ll / words),
-            "byte_perplexity": math.exp(-ll / nbytes),
-            "bits_per_byte": -ll / nbytes / math.log(2),
-            "token_perplexity": sliding["perplexity"], "tokens": sliding["tokens"],
-            "words": words, "bytes": nbytes, "stride": stride}
+    return {"examples": len(rows), "loglikelihood": ll, "words": words, "bytes": nbytes,
+            "token_nll": sliding["loss"] * sliding["tokens"], "tokens": sliding["tokens"]}
 
 
-# --task name -> (read the data file, score a model on its rows)
-TASKS = {"hellaswag": (read_hellaswag, score_hellaswag), "lambada": (read_lambada, score_lambada),
-         **{name: (functools.partial(read_wikitext, task=name),
-                   functools.partial(score_wikitext, task=name)) for name in WIKITEXT_MEMBERS}}
+def summarize(task: str, sums: dict) -> dict:
+    """A task's metrics from its sums (which add up over shares of the rows: ranks)."""
+    n, out = sums["examples"], {"task": task, **sums}
+    if task == "hellaswag":
+        out.update(acc=sums["correct"] / n, acc_norm=sums["correct_norm"] / n)
+    elif task == "lambada":
+        out.update(acc=sums["correct"] / n, perplexity=math.exp(-sums["loglikelihood"] / n))
+    else:
+        ll, nbytes = sums["loglikelihood"], sums["bytes"]
+        out.update(word_perplexity=math.exp(-ll / sums["words"]),
+                   byte_perplexity=math.exp(-ll / nbytes), bits_per_byte=-ll / nbytes / math.log(2),
+                   token_perplexity=math.exp(sums["token_nll"] / sums["tokens"]))
+    return out
+
+
+def score(task: str, model, encoder, rows: list[dict], **options) -> dict:
+    """``summarize(task, sums of the task's rows)``: e.g. ``score("lambada", model, enc, rows)``."""
+    return summarize(task, TASKS[task][1](model, encoder, rows, **options))
+
+
+# --task name -> (read the data file, the sums of a model's scores on its rows)
+TASKS = {"hellaswag": (read_hellaswag, hellaswag_sums), "lambada": (read_lambada, lambada_sums),
+         **{name: (functools.partial(read_wikitext, task=name), wikitext_sums)
+            for name in WIKITEXT_MEMBERS}}

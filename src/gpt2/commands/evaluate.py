@@ -140,7 +140,7 @@ def _task(args) -> int:
     """--task: a benchmark's scores, printed as a table and written to --out."""
     from ..io.atomic import write_json
     from ..io.download import dataset_path
-    from ..tasks import sha256_of
+    from ..tasks import score, sha256_of
 
     if args.data is None:
         args.data = dataset_path(args.task, args.data_dir)
@@ -158,13 +158,12 @@ def _task(args) -> int:
     device = pick_device(args.device)
     model_dir = find_model_dir(args.model_dir)
     check_model_dir(model_dir)
-    read, score = TASKS[args.task]
-    rows = read(args.data, args.limit)  # checked before the model is loaded
+    rows = TASKS[args.task][0](args.data, args.limit)  # checked before the model is loaded
     enc = load_encoder(model_dir)
     model = with_dtype(load_model(model_dir, device=device), args.dtype)
-    options = {"stride": args.stride} if wikitext else {}
-    result = score(model, enc, rows, batch_size=args.batch_size, **options)
-    result.update(data=str(args.data), data_sha256=sha256_of(args.data), model=str(model_dir),
+    options = {"stride": args.stride or max(model.config.n_ctx // 2, 1)} if wikitext else {}
+    result = score(args.task, model, enc, rows, batch_size=args.batch_size, **options)
+    result.update(**options, data=str(args.data), data_sha256=sha256_of(args.data), model=str(model_dir),
                   dtype=args.dtype, limit=args.limit)
     metrics = [k for k in ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity",
                            "bits_per_byte", "token_perplexity") if k in result]

@@ -5,9 +5,11 @@
 
 metrics.jsonl (written by ``gpt2 train``) holds one JSON object per step: ``step``, ``loss``,
 ``avg`` (the moving average the log line prints), ``lr``, ``tokens_per_sec``, ``elapsed``,
-``tokens`` (seen so far) and, on steps where validation ran, ``val_loss``. The plot shows the raw
-training loss (faint), its moving average, and validation loss against tokens seen (steps when
-``tokens`` is missing). matplotlib is optional (``pip install matplotlib``) and drawn with the
+``tokens`` (seen so far) and, on steps where validation ran, ``val_loss``; on steps where
+``--eval_every`` scored benchmarks, ``hellaswag_acc``, ``hellaswag_acc_norm``, ``lambada_acc``
+and ``lambada_perplexity``. The plot shows the raw training loss (faint), its moving average,
+and validation loss against tokens seen (steps when ``tokens`` is missing); benchmark
+accuracies, when there are any, in a second panel beside it (as build-nanogpt's log plot). matplotlib is optional (``pip install matplotlib``) and drawn with the
 Agg backend, so no display is needed.
 """
 
@@ -75,7 +77,12 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     data = [(Path(run), read_metrics(run)) for run in runs]
     # Tokens seen is comparable across batch sizes and context lengths; steps are the fallback.
     x_key = "tokens" if all(any("tokens" in r for r in recs) for _, recs in data) else "step"
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    accuracies = sorted({k for _, recs in data for r in recs for k in r
+                         if k.endswith(("_acc", "_acc_norm"))})
+    if accuracies:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(15, 5.5), dpi=110)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (run, records) in enumerate(data):
         color = colors[i % len(colors)]
@@ -90,12 +97,23 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
         if x:
             ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=4, linewidth=1.5,
                     label=f"{label}validation loss")
+        for j, key in enumerate(accuracies):
+            x, y = _series(records, key, x_key)
+            if x:
+                right.plot(x, y, color=color, marker="os^v"[j % 4], markersize=4,
+                           linestyle=("-", "--", ":", "-.")[j % 4], label=f"{label}{key}")
     ax.set_xlabel("tokens seen" if x_key == "tokens" else "step")
     ax.set_ylabel("loss (nats per token)")
     title = data[0][0].name if len(data) == 1 and data[0][0].is_dir() else "training runs"
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
+    if accuracies:
+        right.set_xlabel(ax.get_xlabel())
+        right.set_ylabel("accuracy")
+        right.set_title("benchmarks (--eval_tasks)")
+        right.grid(True, alpha=0.3)
+        right.legend()
     fig.tight_layout()
     out = Path(out)
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))

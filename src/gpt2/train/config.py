@@ -27,10 +27,12 @@ from ..errors import UserError
 from ..runtime import AUTO, PRECISIONS
 from . import optim
 
+TRAINING_TASKS = ("hellaswag", "lambada")  # --eval_tasks: what gpt2.tasks scores during training
 ORIGINAL = "original flags (nshepperd/gpt-2 train.py)"
 LOCATION = "model location"
 CONTROLS = "training controls"
 EXAMPLES = "instruction and chat examples (see README)"
+EVALS = "benchmarks during training (see README)"
 DISTRIBUTED = "distributed (torchrun / mpirun / srun; see README)"
 OUTPUTS = "outputs"
 
@@ -210,6 +212,18 @@ class TrainConfig:
         None, "A Jinja chat template file (default: the model directory's "
         "chat_template.jinja, else gpt2's own). Saved into every checkpoint.",
         group=EXAMPLES, metavar="FILE", shown="the model's")
+    # -- benchmarks during training
+    eval_every: int = flag(
+        0, "Score --eval_tasks every N steps (and at step 0), into metrics.jsonl and "
+        "TensorBoard (0: never).", group=EVALS, check=at_least(0), metavar="N")
+    eval_tasks: str = flag(
+        "hellaswag", "Comma-separated: hellaswag (acc, acc_norm), lambada (acc, perplexity), "
+        "scored as gpt2 evaluate --task; TASK=PATH reads PATH instead of the file `gpt2 "
+        "download --dataset TASK` put in --eval_data_dir.", group=EVALS, metavar="TASKS")
+    eval_limit: int | None = flag(None, "Score the first K examples of each task.",
+                                  group=EVALS, check=at_least(1), metavar="K", shown="all")
+    eval_data_dir: str = flag("data", "Where `gpt2 download --dataset` put the task files.",
+                              group=EVALS, metavar="DIR")
     # -- distributed
     fsdp: bool = flag(
         False, "Shard parameters, gradients and optimizer state across the processes (FSDP2) "
@@ -236,6 +250,26 @@ class TrainConfig:
     tensorboard_dir: str | None = flag(None, "TensorBoard log folder (implies --tensorboard).",
                                        group=OUTPUTS, metavar="DIR",
                                        shown="checkpoint/<run>/tensorboard")
+
+    def eval_files(self) -> dict[str, Path]:
+        """--eval_tasks as {task: data file}, each checked to exist."""
+        from ..io.download import dataset_path
+
+        files: dict[str, Path] = {}
+        for item in filter(None, (t.strip() for t in self.eval_tasks.split(","))):
+            task, _, path = item.partition("=")
+            if task not in TRAINING_TASKS:
+                raise UserError(f"--eval_tasks: {task!r} is not one of "
+                                f"{', '.join(TRAINING_TASKS)} (WikiText: gpt2 evaluate --task "
+                                "wikitext2 on a checkpoint)")
+            file = Path(path) if path else dataset_path(task, self.eval_data_dir)
+            if not file.is_file():
+                raise UserError(f"--eval_tasks: {task}: no {file}; run `gpt2 download --dataset "
+                                f"{task}` or give {task}=PATH")
+            files[task] = file
+        if not files:
+            raise UserError("--eval_tasks: name at least one task (or leave --eval_every 0)")
+        return files
 
     @property
     def wants_tensorboard(self) -> bool:
@@ -281,6 +315,8 @@ class TrainConfig:
         if self.optimizer == "muon" and self.fsdp:
             raise UserError("--optimizer muon cannot be combined with --fsdp: Muon "
                             "orthogonalizes whole matrices and FSDP shards them (use DDP)")
+        if self.eval_every:
+            self.eval_files()
         if self.epochs is not None and self.max_steps is not None:
             raise UserError("--epochs sets --max_steps: give one of the two")
         if self.lr_schedule == "cosine" and not (self.max_steps or self.epochs):

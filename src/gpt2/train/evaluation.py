@@ -1,10 +1,11 @@
-"""What the training loop measures on a schedule: the validation loss and samples.
+"""What the training loop measures on a schedule: the validation loss, benchmarks, samples.
 
     validation = Validation(batches.val_batches, model, dist)
     loss = validation.run(stop)              # None: a stop was requested during the pass
+    scores = TaskEvals(cfg, model, encoder, dist).run(stop)   # {"hellaswag_acc_norm": ...}
     texts = training_samples(model, encoder, cfg, start, step, dist)
 
-Both run the model as built (uncompiled, in eval mode) across every rank: under FSDP each
+All run the model as built (uncompiled, in eval mode) across every rank: under FSDP each
 forward is a collective, so every rank runs as many batches, and the result is shared.
 """
 
@@ -59,6 +60,64 @@ class Validation:
         # mean(sum) / mean(count) over ranks = sum / count over all batches
         return distributed.all_reduce_mean(total, self.dist) / \
             distributed.all_reduce_mean(count, self.dist)
+
+
+class TaskEvals:
+    """--eval_tasks scored as ``gpt2 evaluate --task`` scores them (:mod:`gpt2.tasks`): the
+    rows are read once (--eval_limit), split across the ranks (every world-th row; under FSDP
+    every rank scores every row, since each forward is a collective), and the sums added up."""
+
+    def __init__(self, cfg: TrainConfig, model: TrainingModel, encoder, dist: DistInfo,
+                 log: Callable[[str], None]):
+        from ..tasks import TASKS
+
+        self.model, self.encoder, self.dist, self.log = model, encoder, dist, log
+        self.rows = {task: TASKS[task][0](path, cfg.eval_limit)
+                     for task, path in (cfg.eval_files() if cfg.eval_every else {}).items()}
+        share = slice(None) if model.parallel.sharded else slice(dist.rank, None,
+                                                                 dist.world_size)
+        self.mine = {task: rows[share] for task, rows in self.rows.items()}
+        # Rows per forward: the training batch's (HellaSwag's examples are 4 rows each).
+        self.batch_rows = cfg.batch_size
+
+    @torch.no_grad()
+    def run(self, stop) -> dict | None:
+        """``{task}_{metric}`` of every task; None when a stop was requested during the pass
+        (checked before every batch)."""
+        from ..tasks import TASKS, Stopped, summarize
+
+        parallel, device = self.model.parallel, self.dist.device
+        if parallel.sharded:  # every rank runs the same batches: they stop together
+            def stopping() -> bool:
+                return distributed.broadcast_flag(stop.requested, self.dist)
+        else:
+            def stopping() -> bool:
+                return stop.requested
+        model = parallel.eval_model
+        model.eval()
+        sums, stopped = {}, False
+        try:
+            for task, rows in self.mine.items():
+                self.log(f"Scoring {task} ({len(self.rows[task])} examples)...")
+                batch = max(1, self.batch_rows // 4) if task == "hellaswag" else self.batch_rows
+                with parallel.synced(training=False), autocast(device, self.model.precision):
+                    sums[task] = TASKS[task][1](model, self.encoder, rows, batch_size=batch,
+                                                progress=self.dist.is_main, stop=stopping)
+        except Stopped:
+            stopped = True
+        finally:
+            model.train()
+        if distributed.broadcast_flag(stopped or stop.requested, self.dist):
+            return None
+        out = {}
+        for task, parts in sums.items():
+            if not parallel.sharded:  # shares of the rows: add them up
+                parts = {k: distributed.all_reduce_mean(float(v), self.dist) *
+                         self.dist.world_size for k, v in parts.items()}
+            result = summarize(task, parts)
+            out.update({f"{task}_{k}": result[k] for k in ("acc", "acc_norm", "perplexity")
+                        if k in result})
+        return out
 
 
 def training_samples(model: TrainingModel, encoder, cfg: TrainConfig, seed: int, step: int,

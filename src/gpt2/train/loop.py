@@ -44,7 +44,7 @@ from .batches import ExampleBatches, load_batches
 from .build import build_training_model, lora_checkpoint, out_of_memory_message
 from .config import TrainConfig
 from .distributed import DistInfo
-from .evaluation import Validation, training_samples
+from .evaluation import TaskEvals, Validation, training_samples
 from .run_dir import RunDir, RunLock, space_warning
 from .start import Start, plan_start
 from .state import read_optimizer, restore_rngs, rng_state, seed_globals
@@ -179,6 +179,7 @@ class Trainer:
                      f"{steps:,} updates")
             self.cfg = cfg = dataclasses.replace(cfg, max_steps=steps)
         self.validation = Validation(self.batches.val_batches, self.model, dist, self.log)
+        self.evals = TaskEvals(cfg, self.model, self.encoder, dist, self.log)
         # The optimizer around the model as built (sharded in place under FSDP).
         self.opt = optim.Optimization(cfg, self.model.parallel.model, dist, self.model.precision)
         # A checkpoint's state goes back into every part; a new run seeds dropout per rank.
@@ -253,8 +254,9 @@ class Trainer:
         self.log("Training...")
         with StopRequest() as stop:
             # The starting point, as the original validated before its first update.
-            if self.validation and progress.step == 0:
-                self.validate_and_log({"step": 0, "tokens": 0}, stop)
+            if progress.step == 0 and (self.validation or cfg.eval_every):
+                self.measure({"step": 0, "tokens": 0}, stop, bool(self.validation),
+                             bool(cfg.eval_every))
             # Until --max_steps, or a stop that any rank saw (all stop at the same step).
             while not distributed.broadcast_flag(stop.requested, self.dist) and \
                     (cfg.max_steps is None or progress.step < cfg.max_steps):
@@ -282,10 +284,9 @@ class Trainer:
                           "tokens_per_sec": tokens_per_update / max(time.time() - t0, 1e-9),
                           "elapsed": progress.now(), "tokens": progress.tokens}
                 # Validation, samples and checkpoints, each on its own schedule.
-                if cfg.val_every and self.validation and progress.step % cfg.val_every == 0:
-                    self.validate_and_log(record, stop)
-                else:
-                    self.write_metrics(record)
+                self.measure(record, stop, bool(cfg.val_every and self.validation and
+                                                progress.step % cfg.val_every == 0),
+                             bool(cfg.eval_every and progress.step % cfg.eval_every == 0))
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
                     self.write_samples()
                 if cfg.save_every and progress.step % cfg.save_every == 0:
@@ -326,17 +327,29 @@ class Trainer:
         if self.is_main:
             self.run_dir.append_metrics(record, self.tb)
 
-    def validate_and_log(self, record: dict, stop: StopRequest) -> None:
-        val = self.validation.run(stop)
-        if val is None:  # stopped during the pass
-            if record["step"]:
-                self.write_metrics(record)
-            return
-        self.log(f"[{record['step']} | {self.progress.now():2.2f}] validation loss = "
-                 f"{val:2.2f}")
+    def measure(self, record: dict, stop: StopRequest, validate: bool, evals: bool) -> None:
+        """The validation loss and the benchmarks when due, into ``record``, which is then
+        written (at step 0 only if something was measured). A stop during either pass
+        leaves the rest out."""
+        measured = False
+        if validate:
+            val = self.validation.run(stop)
+            if val is not None:
+                self.log(f"[{record['step']} | {self.progress.now():2.2f}] validation loss = "
+                         f"{val:2.2f}")
+                record["val_loss"], measured = val, True
+            evals = evals and val is not None
+        if evals:
+            scores = self.evals.run(stop)
+            if scores is not None:
+                self.log(f"[{record['step']} | {self.progress.now():2.2f}] " +
+                         ", ".join(f"{k} = {v:.4f}" for k, v in scores.items()))
+                record.update(scores)
+                measured = True
         if record["step"] == 0:
+            if not measured:
+                return
             record["elapsed"] = self.progress.now()
-        record["val_loss"] = val
         self.write_metrics(record)
 
     def write_samples(self) -> None:

@@ -15,6 +15,8 @@ from ..errors import UserError
 TAGS = {"loss": "loss/train", "avg": "loss/train_avg", "val_loss": "loss/val", "lr": "lr",
         "tokens_per_sec": "throughput/tokens_per_sec"}
 
+EVAL_PREFIXES = ("hellaswag_", "lambada_")
+
 
 def require() -> None:
     """One line instead of an ImportError when the package is missing."""
@@ -45,7 +47,10 @@ class TensorBoardLog:
         for key, tag in TAGS.items():
             if key in record:
                 self.writer.add_scalar(tag, record[key], step)
-        if "val_loss" in record:
+        evals = [key for key in record if key.startswith(EVAL_PREFIXES)]
+        for key in evals:  # --eval_tasks: hellaswag_acc_norm -> eval/hellaswag_acc_norm
+            self.writer.add_scalar(f"eval/{key}", record[key], step)
+        if "val_loss" in record or evals:
             self.writer.flush()  # validation is rare and the number people wait for
 
     def samples(self, step: int, texts: list[str]) -> None:
