@@ -154,7 +154,13 @@ class TrainConfig:
                           "biases, norms). modded-nanogpt's: 0.05.", check=nonneg_number,
                           metavar="LR")
     lr_schedule: str = flag("constant", "Learning-rate schedule after warm-up; cosine decays "
-                            "to 10%% by --max_steps.", choices=optim.SCHEDULES)
+                            "to --min_lr_fraction of the rate by --max_steps.",
+                            choices=optim.SCHEDULES)
+    min_lr_fraction: float = flag(optim.COSINE_FLOOR, "The cosine schedule's last rate, as a "
+                                  "fraction of --learning_rate (llm.c's GPT-2 recipe: 0).",
+                                  check=in_range(0.0, 1.0, closed=True), metavar="F")
+    adam_beta2: float = flag(0.999, "Adam/AdamW's second-moment decay (TF's default 0.999; "
+                             "GPT-3 and llm.c: 0.95).", check=in_range(0.0, 1.0), metavar="B2")
     warmup_steps: int = flag(0, "Linear warm-up from 0 over the first N updates.",
                              check=at_least(0), metavar="N")
     grad_clip: float = flag(0.0, "Clip the gradient norm to this (0: no clipping).",

@@ -128,17 +128,18 @@ def muon_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    muon_lr: float = MUON_LR) -> torch.optim.Optimizer:
-    """adam and sgd as the original (TF's Adam defaults: betas .9/.999, eps 1e-8), plus adamw
-    (decoupled weight decay), adafactor (factored second moments: little optimizer memory) and
-    muon (:class:`MuonAdamW`: ``muon_lr`` for the blocks' matrices, ``lr`` for the rest)."""
+                    muon_lr: float = MUON_LR, beta2: float = 0.999) -> torch.optim.Optimizer:
+    """adam and sgd as the original (TF's Adam defaults: betas .9/.999, eps 1e-8; ``beta2``
+    0.95 is GPT-3's and llm.c's), plus adamw (decoupled weight decay), adafactor (factored
+    second moments: little optimizer memory) and muon (:class:`MuonAdamW`: ``muon_lr`` for the
+    blocks' matrices, ``lr`` for the rest)."""
     if name == "muon":
         from ..io.tensors import unwrap
 
         return MuonAdamW(muon_groups(unwrap(model), weight_decay), lr=lr, muon_lr=muon_lr,
                          weight_decay=weight_decay, fused=_can_fuse(model))
     groups = param_groups(model, weight_decay)
-    adam = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=_can_fuse(model))
+    adam = dict(lr=lr, betas=(0.9, beta2), eps=1e-8, fused=_can_fuse(model))
     if name == "adam":
         return torch.optim.Adam(groups, **adam)
     if name == "adamw":
@@ -151,8 +152,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
 
 
 def lr_at(step: int, lr: float, schedule: str = "constant", warmup_steps: int = 0,
-          max_steps: int | None = None) -> float:
-    """Learning rate for update number ``step`` (1-based): linear warm-up, then the schedule."""
+          max_steps: int | None = None, floor: float = COSINE_FLOOR) -> float:
+    """Learning rate for update number ``step`` (1-based): linear warm-up, then the schedule
+    (cosine: down to ``floor`` x ``lr`` at ``max_steps``)."""
     if warmup_steps and step <= warmup_steps:
         return lr * step / warmup_steps
     if schedule == "constant":
@@ -162,7 +164,7 @@ def lr_at(step: int, lr: float, schedule: str = "constant", warmup_steps: int = 
             raise ValueError("the cosine schedule needs max_steps")
         span = max(1, max_steps - warmup_steps)
         progress = min(1.0, max(0.0, (step - warmup_steps) / span))
-        floor = lr * COSINE_FLOOR
+        floor = lr * floor
         return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - floor)
     raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
 
@@ -261,14 +263,15 @@ class Optimization:
         self.cfg, self.model = cfg, model
         self.optimizer = distributed.wrap_optimizer(
             build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
-                            cfg.muon_lr), model,
+                            cfg.muon_lr, cfg.adam_beta2), model,
             dist, cfg.accumulate_gradients)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
 
     def start_update(self, step: int) -> float:
         """Before update number ``step`` (1-based): fresh gradients, the schedule's rate."""
         cfg = self.cfg
-        lr = lr_at(step, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
+        lr = lr_at(step, cfg.learning_rate, cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps,
+                   cfg.min_lr_fraction)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         return lr
