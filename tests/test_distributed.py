@@ -170,8 +170,29 @@ def test_shutdown_stops_gloo_threads(tmp_path, fsdp):
 
 # --- torchrun ----------------------------------------------------------------------------------
 
+def evals_equal_gpt2_evaluate(run_dir: Path, step: int, hellaswag: Path, lambada: Path) -> None:
+    """The benchmarks a distributed run logged at its last step are what one process scores
+    on the saved checkpoint (rows split across ranks or not, the sums add up)."""
+    from gpt2.cli import main as cli
+
+    record = next(m for m in metrics(run_dir) if m["step"] == step and "hellaswag_acc" in m)
+    for task, data, keys in (("hellaswag", hellaswag, ("acc", "acc_norm")),
+                             ("lambada", lambada, ("acc", "perplexity"))):
+        out = run_dir / f"{task}.json"
+        assert cli(["evaluate", str(run_dir), "--task", task, "--data", str(data),
+                    "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["examples"] == (7 if task == "hellaswag" else 9)
+        for key in keys:
+            assert record[f"{task}_{key}"] == pytest.approx(result[key], rel=1e-5), (task, key)
+
+
 def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir):
-    out = ok(torchrun(args(data, model_dir, max_steps=3, val_every=2, val_batch_count=3),
+    from test_train_parts import write_eval_files
+
+    hellaswag, lambada = write_eval_files(tmp_path)  # 7 and 9 rows: uneven shares
+    out = ok(torchrun(args(data, model_dir, max_steps=3, val_every=2, val_batch_count=3,
+                           eval_every=3, eval_tasks=f"hellaswag={hellaswag},lambada={lambada}"),
                       tmp_path))
     assert "effective batch 2 x 2 ranks x 1 accumulation = 4 windows = 128 tokens" in out
     assert "not scaled" in out
@@ -184,6 +205,7 @@ def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir):
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     model = load_model(run_dir)
     assert sum(p.numel() for p in model.parameters()) > 0
+    evals_equal_gpt2_evaluate(run_dir, 3, hellaswag, lambada)
 
     ok(torchrun(args(data, model_dir, max_steps=6, val_every=2, val_batch_count=3,
                      restore_from="latest"), tmp_path))
@@ -212,10 +234,15 @@ def test_two_processes_follow_one_process_curve(tmp_path, data, model_dir):
 
 
 def test_fsdp_run_saves_a_whole_model_and_resumes(tmp_path, data, model_dir):
+    from test_train_parts import write_eval_files
+
+    hellaswag, lambada = write_eval_files(tmp_path)  # every rank scores every row under FSDP
     out = ok(torchrun(args(data, model_dir, "--fsdp", max_steps=2, accumulate_gradients=2,
-                           val_every=1, val_batch_count=3, loss_chunk=9), tmp_path))
+                           val_every=1, val_batch_count=3, loss_chunk=9, eval_every=2,
+                           eval_tasks=f"hellaswag={hellaswag},lambada={lambada}"), tmp_path))
     assert "FSDP" in out
     run_dir = tmp_path / "checkpoint" / "run1"
+    evals_equal_gpt2_evaluate(run_dir, 2, hellaswag, lambada)
     model = load_model(run_dir)  # consolidated: loads with no process group
     assert model.lm_head.weight is model.wte.weight
     from safetensors.torch import load_file

@@ -420,3 +420,29 @@ def test_wikitext_token_perplexity_equals_transformers_sliding_window(tmp_path, 
                                                      rel=1e-5)
     assert ours["examples"] == 3 and ours["words"] > 0 and ours["word_perplexity"] > 1
     assert "| wikitext2 | 3 |" in capsys.readouterr().out
+
+
+def test_a_bad_wikitext_file_is_one_line(tmp_path, gpt2_vocab_dir, capsys):
+    save_model(make_model(GPTConfig(n_vocab=50257, n_ctx=32, n_embd=16, n_head=2, n_layer=1)),
+               tmp_path / "model", encoder_dir=gpt2_vocab_dir)
+    whole = tmp_path / "whole.zip"
+    write_wikitext(whole, pages=2)
+    cut = tmp_path / "wikitext-2-raw-v1.zip"
+    cut.write_bytes(whole.read_bytes()[:-100])  # a download cut short
+    latin = tmp_path / "wiki.test.raw"
+    latin.write_bytes(" = T = \n caf\xe9 \n".encode("latin-1"))
+    pages = tmp_path / "pages.jsonl"
+    pages.write_text('{"page": " = T = "}\n{"text": "x"}\n')
+    for data, task, says in ((cut, "wikitext2", "not a readable zip"),
+                             (whole, "wikitext103", "has no wikitext-103-raw/wiki.test.raw"),
+                             (latin, "wikitext2", "not UTF-8 text (byte"),
+                             (pages, "wikitext2", "pages.jsonl:2: 'page' must be a string")):
+        assert main(["evaluate", str(tmp_path / "model"), "--task", task, "--data",
+                     str(data)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert main(["evaluate", str(tmp_path / "model"), "--task", "lambada", "--data_dir",
+                 str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: --task lambada: no {tmp_path / 'none/lambada_test.jsonl'}; run `gpt2 download "
+        "--dataset lambada` or give --data PATH")

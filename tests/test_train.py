@@ -494,8 +494,11 @@ def test_tensorboard_logs_the_metrics_and_a_resume_rewrites_them(tmp_path, data,
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.util.tensor_util import make_ndarray
 
+    from test_train_parts import write_eval_files
+
+    hellaswag, _ = write_eval_files(tmp_path)
     flags = dict(max_steps=4, save_every=2, val_every=2, val_batch_count=2, sample_every=4,
-                 sample_length=6)
+                 sample_length=6, eval_every=4, eval_tasks=f"hellaswag={hellaswag}")
     assert main(args(data, model_dir, "--tensorboard", **flags)) == 0
     run_dir = tmp_path / "checkpoint/run1"
     # A crash after step 4 was logged but before it was saved: the run resumes from step 2 and
@@ -508,12 +511,14 @@ def test_tensorboard_logs_the_metrics_and_a_resume_rewrites_them(tmp_path, data,
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     rows = metrics(run_dir)
     for tag, key in (("loss/train", "loss"), ("loss/val", "val_loss"), ("lr", "lr"),
-                     ("throughput/tokens_per_sec", "tokens_per_sec")):
+                     ("throughput/tokens_per_sec", "tokens_per_sec"),
+                     ("eval/hellaswag_acc_norm", "hellaswag_acc_norm")):
         got = [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
         want = [(r["step"], r[key]) for r in rows if key in r]
         assert [s for s, _ in got] == [s for s, _ in want], tag
         np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
     assert [e.step for e in events.Tensors("loss/val")] == [0, 2, 4]
+    assert [e.step for e in events.Tensors("eval/hellaswag_acc")] == [0, 4]
     [sample] = events.Tensors("samples/1/text_summary")
     assert sample.step == 4
     text = make_ndarray(sample.tensor_proto).item().decode()
