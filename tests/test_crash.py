@@ -281,6 +281,29 @@ def test_ctrl_c_in_a_long_validation_stops_within_a_batch_and_saves(setup):
     assert (tmp / "checkpoint/run1/model-0/model.safetensors").is_file()
 
 
+def test_ctrl_c_in_a_long_benchmark_stops_within_a_batch_and_saves(setup):
+    tmp, data, model_dir = setup
+    hellaswag = tmp / "hellaswag.jsonl"
+    row = json.dumps({"ctx": "the city was", "endings": ["new.", "one.", "two.", "old."],
+                      "label": 1})
+    hellaswag.write_text((row + "\n") * 100000)
+    argv = [sys.executable, "-m", "gpt2", "train",
+            *run_args(data, model_dir, max_steps=100, eval_every=50, save_every=0,
+                      eval_tasks=f"hellaswag={hellaswag}")]
+    with bounded.Proc(argv, cwd=tmp, env=env(tmp)) as proc:
+        proc.wait_for(lambda line: line.startswith("Scoring hellaswag (100000 examples)"),
+                      timeout=120)
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.signal(signal.SIGINT)
+        done = proc.finish(timeout=60)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, err[-2000:]
+    assert time.time() - t0 < 10  # not the 100000 examples
+    assert "Saving checkpoint/run1/model-0" in out and "hellaswag_acc" not in out
+    assert (tmp / "checkpoint/run1/model-0/model.safetensors").is_file()
+
+
 TWO_CTRL_C = """
 import os, signal, subprocess, sys, torch
 from gpt2.train.loop import StopRequest

@@ -176,6 +176,8 @@ def evals_equal_gpt2_evaluate(run_dir: Path, step: int, hellaswag: Path, lambada
     from gpt2.cli import main as cli
 
     record = next(m for m in metrics(run_dir) if m["step"] == step and "hellaswag_acc" in m)
+    # every row once: DDP's shares (4 + 3, 5 + 4) add up, FSDP's copies are not added twice
+    assert (record["hellaswag_examples"], record["lambada_examples"]) == (7, 9)
     for task, data, keys in (("hellaswag", hellaswag, ("acc", "acc_norm")),
                              ("lambada", lambada, ("acc", "perplexity"))):
         out = run_dir / f"{task}.json"

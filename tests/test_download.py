@@ -347,6 +347,9 @@ def test_dataset_download_resumes_retries_and_checks_sha256(server, tmp_path, mo
     ranges = [r for _, _, r in server.gets()]
     assert ranges[0] is None and 0 < _range_start(ranges[-1]) < len(data)
     assert "Dataset saved in" in capsys.readouterr().out
+    server.log.clear()  # a second run checks the file and asks the server nothing
+    assert cli(["download", "--dataset", "lambada", "--data_dir", str(tmp_path / "data")]) == 0
+    assert server.log == [] and "already downloaded (sha256 checked)" in capsys.readouterr().err
 
     # A file that is not the published one is moved aside and named, in one line
     server.files["/gpt-2/data/lambada_test.jsonl"] = data[:-5] + b"XXXXX"

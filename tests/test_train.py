@@ -337,7 +337,8 @@ def test_log_lines_and_metrics(tmp_path, data, model_dir, capsys):
     rows = metrics(tmp_path / "checkpoint/run1")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert set(rows[1]) == {"step", "loss", "avg", "lr", "tokens_per_sec", "elapsed", "tokens"}
-    assert "val_loss" in rows[2] and "val_loss" not in rows[3]
+    assert "val_loss" in rows[2] and "val_loss" not in rows[1]
+    assert "val_loss" in rows[3]  # and at --max_steps: the final model's
     # avg is the original's bias-corrected moving average
     a = b = 0.0
     for r in rows[1:]:
@@ -517,8 +518,9 @@ def test_tensorboard_logs_the_metrics_and_a_resume_rewrites_them(tmp_path, data,
         want = [(r["step"], r[key]) for r in rows if key in r]
         assert [s for s, _ in got] == [s for s, _ in want], tag
         np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
-    assert [e.step for e in events.Tensors("loss/val")] == [0, 2, 4]
-    assert [e.step for e in events.Tensors("eval/hellaswag_acc")] == [0, 4]
+    assert [e.step for e in events.Tensors("loss/val")] == [0, 2, 4, 5]  # 5: --max_steps
+    assert [e.step for e in events.Tensors("eval/hellaswag_acc")] == [0, 4, 5]
+    assert "eval/hellaswag_examples" not in events.Tags()["tensors"]
     [sample] = events.Tensors("samples/1/text_summary")
     assert sample.step == 4
     text = make_ndarray(sample.tensor_proto).item().decode()

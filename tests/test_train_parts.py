@@ -175,7 +175,8 @@ def test_task_evals_score_as_the_tasks_do_and_stop_within_a_pass(tmp_path, data,
     gpt.train()
     assert scores == pytest.approx({"hellaswag_acc": hs["acc"], "hellaswag_acc_norm":
                                     hs["acc_norm"], "lambada_acc": lb["acc"],
-                                    "lambada_perplexity": lb["perplexity"]}, rel=1e-6)
+                                    "lambada_perplexity": lb["perplexity"],
+                                    "hellaswag_examples": 6, "lambada_examples": 6}, rel=1e-6)
     assert hs["examples"] == lb["examples"] == 6
     stop = Stop(after=1)  # Ctrl-C after the first batch: no scores, training mode again
     assert evals.run(stop) is None and gpt.training and stop.calls == 2

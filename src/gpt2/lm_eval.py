@@ -32,6 +32,7 @@ model directory's template, as ``gpt2 chat`` does.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -77,7 +78,8 @@ class GPT2LM(LM):
         if self.encoder.eot_token is None:
             raise UserError("lm-evaluation-harness needs a tokenizer with <|endoftext|> (its "
                             "empty contexts and rolling windows start from it)")
-        self.batch_size = int(batch_size)
+        # (the harness's "auto" sizing has no meaning here: it means the default)
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         if self.batch_size < 1 or self.max_gen_toks < 1:
             raise UserError("batch_size and max_gen_toks must be >= 1")
@@ -92,8 +94,10 @@ class GPT2LM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = []
         for context, continuation in (r.args for r in requests):
-            if context == "":
-                ctx, cont = [], self.encoder.encode(continuation)
+            if context == "":  # <|endoftext|> as the context, unless the text starts with it
+                cont = self.encoder.encode(continuation)
+                ctx, cont = (cont[:1], cont[1:]) if cont[:1] == [self.encoder.eot_token] \
+                    else ([], cont)
             else:
                 ctx, cont = encode_pair(self.encoder, context, continuation)
             pairs.append((context_ids(self.encoder, ctx, "a request"), cont))
@@ -132,9 +136,16 @@ class GPT2LM(LM):
             if room < 1:
                 raise UserError(f"max_gen_toks {length} leaves no room for a context in the "
                                 f"model's {self.n_ctx} positions")
-            temperature = float(kwargs.get("temperature") or 0.0)
-            if not kwargs.get("do_sample"):
+            temperature = float(kwargs.pop("temperature", None) or 0.0)
+            if not kwargs.pop("do_sample", False):
                 temperature = 0.0
+            elif temperature <= 0:
+                temperature = 1.0  # sampling without a temperature: transformers' default
+            top_k = int(kwargs.pop("top_k", None) or 0)
+            top_p = float(kwargs.pop("top_p", None) or 1.0)
+            if kwargs:
+                warnings.warn(f"gpt2.lm_eval: ignoring generation settings it does not have: "
+                              f"{', '.join(sorted(kwargs))}", stacklevel=2)
             contexts = {i: self.encoder.encode(requests[i].args[0])[-room:] for i in members}
             members.sort(key=lambda i: -len(contexts[i]))
             for chunk in in_chunks(members, self.batch_size, "generate_until",
@@ -151,8 +162,7 @@ class GPT2LM(LM):
                 new = decode(self.model,
                              [context_ids(self.encoder, contexts[i], "a request")
                               for i in chunk], length, temperature=temperature,
-                             top_k=int(kwargs.get("top_k") or 0),
-                             top_p=float(kwargs.get("top_p") or 1.0), finished=finished)
+                             top_k=top_k, top_p=top_p, finished=finished)
                 for row, i in enumerate(chunk):
                     out[i] = texts.get(row, self.encoder.decode(new[row]))
         return out

@@ -35,6 +35,7 @@ import itertools
 import math
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -135,16 +136,17 @@ def continuation_scores(model, pairs: list[tuple[list[int], list[int]]], batch_s
     for chunk in in_chunks(order, batch_size, desc, progress, stop):
         seqs = [(pairs[i][0] + pairs[i][1])[-(n_ctx + 1):][:-1] for i in chunk]
         logits = model(_padded(seqs).to(device))
-        for r, i in enumerate(chunk):
+        for r, i in enumerate(chunk):  # (on the device: only two numbers come back)
             cont, end = pairs[i][1], len(seqs[r])
-            logprobs = F.log_softmax(logits[r, end - len(cont):end].float(), dim=-1).cpu()
-            want = torch.tensor(cont)
+            logprobs = F.log_softmax(logits[r, end - len(cont):end].float(), dim=-1)
+            want = torch.tensor(cont, device=device)
             out[i] = (float(logprobs.gather(1, want[:, None]).sum()),
                       bool((logprobs.argmax(-1) == want).all()))
     return out
 
 
-def rolling_windows(tokens: list[int], prefix: int, n_ctx: int) -> list[tuple[list[int], list[int]]]:
+def rolling_windows(tokens: list[int], prefix: int, n_ctx: int
+                    ) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) pairs that score every token of ``tokens`` once, as the
     harness's ``loglikelihood_rolling`` does (``get_rolling_token_windows`` with
     ``context_len=1``, made disjoint): windows of ``n_ctx`` predicted tokens, the first one
@@ -290,8 +292,10 @@ def read_wikitext(path: str | os.PathLike, limit: int | None = None,
             else:
                 raw = path.read_bytes()
             text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError) as e:
             raise UserError(f"{path}: not a readable zip ({e}); download it again") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text (byte {e.start}); is it "
                             "wiki.test.raw?") from None

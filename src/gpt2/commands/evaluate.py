@@ -163,7 +163,8 @@ def _task(args) -> int:
     model = with_dtype(load_model(model_dir, device=device), args.dtype)
     options = {"stride": args.stride or max(model.config.n_ctx // 2, 1)} if wikitext else {}
     result = score(args.task, model, enc, rows, batch_size=args.batch_size, **options)
-    result.update(**options, data=str(args.data), data_sha256=sha256_of(args.data), model=str(model_dir),
+    result.update(**options, data=str(args.data), data_sha256=sha256_of(args.data),
+                  model=str(model_dir),
                   dtype=args.dtype, limit=args.limit)
     metrics = [k for k in ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity",
                            "bits_per_byte", "token_perplexity") if k in result]

@@ -74,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         log_samples=False, random_seed=args.seed, numpy_random_seed=args.seed,
         torch_random_seed=args.seed, fewshot_random_seed=args.seed)
     print(make_table(results))
+    if "groups" in results:  # aggregates (e.g. MMLU's overall score), as the harness prints
+        print(make_table(results, "groups"))
     if args.out:
         from ..io.atomic import write_json
 
-        keep = {k: results[k] for k in ("results", "versions", "n-shot", "higher_is_better",
-                                        "n-samples", "configs") if k in results}
+        keep = {k: results[k] for k in ("results", "groups", "versions", "n-shot",
+                                        "higher_is_better", "n-samples", "configs")
+                if k in results}
         keep["model"], keep["dtype"] = str(model.model_dir), args.dtype
         write_json(args.out, json.loads(json.dumps(keep, default=str)))
     print(f"tasks: {', '.join(tasks)}", file=sys.stderr)

@@ -9,8 +9,9 @@ metrics.jsonl (written by ``gpt2 train``) holds one JSON object per step: ``step
 ``--eval_every`` scored benchmarks, ``hellaswag_acc``, ``hellaswag_acc_norm``, ``lambada_acc``
 and ``lambada_perplexity``. The plot shows the raw training loss (faint), its moving average,
 and validation loss against tokens seen (steps when ``tokens`` is missing); benchmark
-accuracies, when there are any, in a second panel beside it (as build-nanogpt's log plot). matplotlib is optional (``pip install matplotlib``) and drawn with the
-Agg backend, so no display is needed.
+accuracies, when there are any, in a second panel beside it (as build-nanogpt's log plot).
+matplotlib is optional (``pip install matplotlib``) and drawn with the Agg backend, so no
+display is needed.
 """
 
 from __future__ import annotations

@@ -226,15 +226,23 @@ def download_dataset(name: str, data_dir: str | os.PathLike = "data",
         raise UserError(f"--dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if retries < 1:
         raise UserError(f"--retries {retries}: must be at least 1")
-    url, file, _, sha256 = DATASETS[name]
+    from ..tasks import sha256_of
+
+    url, file, size, sha256 = DATASETS[name]
     if base_url is not None:
         url = f"{base_url.rstrip('/')}/{file}"
     dest = dataset_path(name, data_dir)
+    if dest.is_file():
+        if dest.stat().st_size == size and sha256_of(dest) == sha256:
+            print(f"{dest}: already downloaded (sha256 checked)", file=sys.stderr)
+            return dest
+        if dest.stat().st_size >= size:  # not the published file: fetch it anew
+            os.replace(dest, dest.with_name(dest.name + ".bad"))
+            print(f"{dest}: not the published file; moved to {dest.name}.bad, downloading it "
+                  "again", file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _session() as session:
-        fetch(session, url, dest, retries=retries)
-    from ..tasks import sha256_of
-
+        fetch(session, url, dest, retries=retries)  # (a shorter file is resumed)
     got = sha256_of(dest)
     if got != sha256:
         bad = dest.with_name(dest.name + ".bad")

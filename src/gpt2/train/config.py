@@ -123,7 +123,8 @@ class TrainConfig:
                                check=at_least(1))
     val_batch_count: int = flag(40, "Validation batches (fixed windows, drawn once).",
                                 group=ORIGINAL, check=at_least(1))
-    val_every: int = flag(0, "Compute validation loss every N steps (0: never).",
+    val_every: int = flag(0, "Compute validation loss every N steps and at --max_steps (0: "
+                          "never).",
                           group=ORIGINAL, check=at_least(0), metavar="N")
     # -- where the model comes from
     models_dir: str = flag("models", "Folder holding pretrained models.", group=LOCATION,
@@ -220,8 +221,8 @@ class TrainConfig:
         group=EXAMPLES, metavar="FILE", shown="the model's")
     # -- benchmarks during training
     eval_every: int = flag(
-        0, "Score --eval_tasks every N steps (and at step 0), into metrics.jsonl and "
-        "TensorBoard (0: never).", group=EVALS, check=at_least(0), metavar="N")
+        0, "Score --eval_tasks every N steps (and at step 0 and --max_steps), into "
+        "metrics.jsonl and TensorBoard (0: never).", group=EVALS, check=at_least(0), metavar="N")
     eval_tasks: str = flag(
         "hellaswag", "Comma-separated: hellaswag (acc, acc_norm), lambada (acc, perplexity), "
         "scored as gpt2 evaluate --task; TASK=PATH reads PATH instead of the file `gpt2 "

@@ -74,50 +74,61 @@ class TaskEvals:
         self.model, self.encoder, self.dist, self.log = model, encoder, dist, log
         self.rows = {task: TASKS[task][0](path, cfg.eval_limit)
                      for task, path in (cfg.eval_files() if cfg.eval_every else {}).items()}
-        share = slice(None) if model.parallel.sharded else slice(dist.rank, None,
-                                                                 dist.world_size)
-        self.mine = {task: rows[share] for task, rows in self.rows.items()}
+        self.mine = {task: [rows[i] for i in self.shares(len(rows))[dist.rank]]
+                     for task, rows in self.rows.items()}
         # Rows per forward: the training batch's (HellaSwag's examples are 4 rows each).
         self.batch_rows = cfg.batch_size
 
     @torch.no_grad()
     def run(self, stop) -> dict | None:
-        """``{task}_{metric}`` of every task; None when a stop was requested during the pass
-        (checked before every batch)."""
+        """``{task}_{metric}`` of every task (and ``{task}_examples``); None when a stop was
+        requested on any rank during the pass (all ranks agree before every batch)."""
         from ..tasks import TASKS, Stopped, summarize
 
-        parallel, device = self.model.parallel, self.dist.device
-        if parallel.sharded:  # every rank runs the same batches: they stop together
-            def stopping() -> bool:
-                return distributed.broadcast_flag(stop.requested, self.dist)
-        else:
-            def stopping() -> bool:
-                return stop.requested
+        parallel, device, dist = self.model.parallel, self.dist.device, self.dist
+        checks = 0
+
+        def stopping() -> bool:  # a collective: every rank makes as many of these calls
+            nonlocal checks
+            checks += 1
+            return distributed.broadcast_flag(stop.requested, dist)
+
         model = parallel.eval_model
         model.eval()
-        sums, stopped = {}, False
+        sums = {}
         try:
             for task, rows in self.mine.items():
                 self.log(f"Scoring {task} ({len(self.rows[task])} examples)...")
                 batch = max(1, self.batch_rows // 4) if task == "hellaswag" else self.batch_rows
+                checks = 0
                 with parallel.synced(training=False), autocast(device, self.model.precision):
                     sums[task] = TASKS[task][1](model, self.encoder, rows, batch_size=batch,
                                                 progress=self.dist.is_main, stop=stopping)
+                # A shorter share ran fewer batches: it still checks as often as the longest.
+                longest = max(map(len, self.shares(len(self.rows[task]))))
+                for _ in range(-(-longest // batch) - checks):
+                    if stopping():
+                        raise Stopped
         except Stopped:
-            stopped = True
+            return None
         finally:
             model.train()
-        if distributed.broadcast_flag(stopped or stop.requested, self.dist):
-            return None
         out = {}
         for task, parts in sums.items():
             if not parallel.sharded:  # shares of the rows: add them up
-                parts = {k: distributed.all_reduce_mean(float(v), self.dist) *
-                         self.dist.world_size for k, v in parts.items()}
+                parts = {k: distributed.all_reduce_mean(float(v), dist) * dist.world_size
+                         for k, v in parts.items()}
             result = summarize(task, parts)
             out.update({f"{task}_{k}": result[k] for k in ("acc", "acc_norm", "perplexity")
                         if k in result})
+            out[f"{task}_examples"] = round(result["examples"])
         return out
+
+    def shares(self, n: int) -> list[range]:
+        """Which of ``n`` rows each rank scores: every world-th, or (FSDP) all of them."""
+        if self.model.parallel.sharded:
+            return [range(n)] * self.dist.world_size
+        return [range(r, n, self.dist.world_size) for r in range(self.dist.world_size)]
 
 
 def training_samples(model: TrainingModel, encoder, cfg: TrainConfig, seed: int, step: int,

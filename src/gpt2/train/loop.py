@@ -284,9 +284,11 @@ class Trainer:
                           "tokens_per_sec": tokens_per_update / max(time.time() - t0, 1e-9),
                           "elapsed": progress.now(), "tokens": progress.tokens}
                 # Validation, samples and checkpoints, each on its own schedule.
-                self.measure(record, stop, bool(cfg.val_every and self.validation and
-                                                progress.step % cfg.val_every == 0),
-                             bool(cfg.eval_every and progress.step % cfg.eval_every == 0))
+                # (and at --max_steps: the final model's numbers are the ones compared)
+                last = progress.step == cfg.max_steps
+                self.measure(record, stop, bool(cfg.val_every and self.validation and (
+                    progress.step % cfg.val_every == 0 or last)),
+                    bool(cfg.eval_every and (progress.step % cfg.eval_every == 0 or last)))
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
                     self.write_samples()
                 if cfg.save_every and progress.step % cfg.save_every == 0:

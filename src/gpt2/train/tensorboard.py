@@ -47,7 +47,8 @@ class TensorBoardLog:
         for key, tag in TAGS.items():
             if key in record:
                 self.writer.add_scalar(tag, record[key], step)
-        evals = [key for key in record if key.startswith(EVAL_PREFIXES)]
+        evals = [key for key in record
+                 if key.startswith(EVAL_PREFIXES) and not key.endswith("_examples")]
         for key in evals:  # --eval_tasks: hellaswag_acc_norm -> eval/hellaswag_acc_norm
             self.writer.add_scalar(f"eval/{key}", record[key], step)
         if "val_loss" in record or evals:
