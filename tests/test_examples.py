@@ -324,9 +324,14 @@ def test_chat_training_resumes_exactly_mid_epoch_and_saves_its_template(tmp_path
     assert main(chat_args(data, byte_dir, max_steps=7, run_name="r", **flags)) == 0
     assert main(chat_args(data, byte_dir, max_steps=7, run_name="whole", **flags)) == 0
     assert losses(tmp_path / "checkpoint/r") == losses(tmp_path / "checkpoint/whole")
-    val = [m["val_loss"] for m in metrics(tmp_path / "checkpoint/r") if "val_loss" in m]
-    assert val == [m["val_loss"] for m in metrics(tmp_path / "checkpoint/whole")
-                   if "val_loss" in m] and len(val) == 4  # steps 0, 2, 4, 6
+    def val(run: str) -> dict:
+        return {m["step"]: m["val_loss"] for m in metrics(tmp_path / "checkpoint" / run)
+                if "val_loss" in m}
+
+    whole, resumed = val("whole"), val("r")
+    assert sorted(whole) == [0, 2, 4, 6, 7]  # every 2 steps and at --max_steps
+    assert 3 in resumed and {s: v for s, v in resumed.items() if s != 3} == whole  # (3: the
+    # first run's --max_steps)
     ckpt = tmp_path / "checkpoint/r/model-7"
     assert (ckpt / "chat_template.jinja").read_text() == DEFAULT_TEMPLATE
     state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -79,11 +79,8 @@ def test_requests_are_answered_as_transformers_computes_them(dirs):
     assert spaced[1] == all(int(lp[len(ctx) - 1 + i].argmax()) == t for i, t in enumerate(cont))
 
 
-def test_lm_eval_command_errors_are_one_line(dirs, capsys, monkeypatch):
+def test_lm_eval_without_the_harness_is_one_line(dirs, capsys, monkeypatch):
     model_dir, _ = dirs
-    assert main(["lm-eval", str(model_dir), "--tasks", "no_such_task_xyz"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --tasks: unknown task 'no_such_task_xyz'"), err
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)
     assert main(["lm-eval", str(model_dir), "--tasks", "x"]) == 1
     assert capsys.readouterr().err.strip() == ("error: gpt2 lm-eval needs lm-evaluation-harness: "

@@ -264,6 +264,9 @@ def test_tasks_and_backend_equal_lm_evaluation_harness(tmp_path, gpt2_vocab_dir,
     assert main(["lm-eval", str(tmp_path / "model"), "--tasks", names, "--include_path",
                  str(tasks), "--batch_size", "3", "--out", str(tmp_path / "backend.json")]) == 0
     backend = json.loads((tmp_path / "backend.json").read_text())["results"]
+    assert main(["lm-eval", str(tmp_path / "model"), "--tasks", "no_such_task_xyz"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --tasks: unknown task 'no_such_task_xyz'"), err
     ours = {"lambada": json.loads((tmp_path / "lambada.json").read_text()),
             "wikitext": json.loads((tmp_path / "wikitext.json").read_text())}
     print(json.dumps({"harness_hf": theirs, "gpt2_lm_eval": backend, "gpt2_evaluate": ours},
