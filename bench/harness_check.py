@@ -97,11 +97,23 @@ def main() -> int:
             words = para.split(" ")
             f.write(json.dumps({"text": " ".join(words[:rng.randint(12, min(80, len(words)))])})
                     + "\n")
-    with open(gen, "w") as f:
-        for para in rng.sample(paras, min(args.n // 4, len(paras))):
-            words = para.split(" ")
-            f.write(json.dumps({"prompt": " ".join(words[:8]), "answer": " " +
-                                " ".join(words[8:12])}) + "\n")
+    import torch
+    import transformers
+
+    from gpt2.tokenizer.files import load_encoder
+
+    enc, hf_model = load_encoder(model_dir), transformers.GPT2LMHeadModel.from_pretrained(
+        tmp / "hf").eval()
+    with open(gen, "w") as f:  # half the answers are transformers' greedy continuation
+        for i, para in enumerate(rng.sample(paras, min(args.n // 4, len(paras)))):
+            prompt = " ".join(para.split(" ")[:8])
+            ids = enc.encode(prompt)
+            with torch.no_grad():
+                new = hf_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                        pad_token_id=0)[0, len(ids):].tolist()
+            answer = enc.decode(new).split(".")[0] if i % 2 else " " + " ".join(
+                para.split(" ")[8:12])
+            f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
     # WikiText's raw format: " = Title = " pages, blank lines as " ", spaced punctuation
     lines = [" "]
     for k in range(12):
