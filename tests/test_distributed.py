@@ -150,6 +150,12 @@ def _leave_worker(rank: int, port: int, fsdp: bool, out: str) -> None:
     # with the GIL held: the exit deadlock).
     kept = _train_one_step(info, fsdp)
     distributed.shutdown()
+    # Gloo's own threads end asynchronously after the group is freed (a loaded machine saw
+    # gloo_tcp_loop still exiting): give them a bounded moment; a leaked group keeps them.
+    deadline = time.time() + 5
+    while any("gloo" in t or "tcpstore" in t for t in _native_threads()) and \
+            time.time() < deadline:
+        time.sleep(0.05)
     Path(f"{out}.{rank}").write_text(json.dumps(_native_threads()))
     del kept
 
