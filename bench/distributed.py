@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from gpt2.model import GPT, GPTConfig  # noqa: E402
-from gpt2.train import distributed  # noqa: E402
-from gpt2.train.parallelize import parallelize  # noqa: E402
+from gpt2.training import distributed  # noqa: E402
+from gpt2.training.parallelize import parallelize  # noqa: E402
 
 SHAPES = {  # (n_embd, n_head, n_layer)
     "tiny": (128, 4, 2), "124M": (768, 12, 12), "355M": (1024, 16, 24),

@@ -210,7 +210,7 @@ def write_run_inputs(root: Path, hparams: dict) -> tuple[Path, Path]:
 
 
 def stage_fp16(args, device, report: Report) -> None:
-    from gpt2.train import TrainConfig, train
+    from gpt2.training import TrainConfig, train
 
     if "fp16" not in runtime.backend_of(device).precisions:
         report.add(f"fp16 + GradScaler: not run on {device.type}: "

@@ -83,7 +83,7 @@ def main() -> int:
 
     from gpt2.io.hf import export_huggingface
     from gpt2.io.model_dir import load_model
-    from gpt2.io.paths import find_model_dir
+    from gpt2.files.paths import find_model_dir
     from gpt2.tasks import wikitext_pages
 
     rng = random.Random(0)

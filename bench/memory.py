@@ -26,7 +26,7 @@ import torch
 
 from common import SHAPES, load_note, machine, setup
 
-from gpt2.train.memory import GB, estimate_memory
+from gpt2.training.memory import GB, estimate_memory
 
 HERE = Path(__file__).resolve().parent
 BUDGET_GB = 24
@@ -83,9 +83,9 @@ def rss_bytes() -> int:
 
 def child(spec: dict) -> dict:
     """One measurement, in this (fresh) process: two training steps of one configuration."""
-    from gpt2.train.parallelize import apply_activation_checkpointing
+    from gpt2.training.parallelize import apply_activation_checkpointing
     from gpt2.model import GPT
-    from gpt2.train.memory import CHUNK_ROWS
+    from gpt2.training.memory import CHUNK_ROWS
 
     device = setup(spec["device"], spec["threads"])
     config = SHAPES[spec["shape"]]

@@ -28,7 +28,7 @@ from common import load_note, machine, setup
 
 from gpt2.commands.quickstart import build_model_dir, write_corpus
 from gpt2.commands.train import main as train_main
-from gpt2.train.optim import MUON_LR
+from gpt2.training.optim import MUON_LR
 
 
 def run(root: Path, corpus: Path, model_dir: Path, seed: int, steps: int, val_every: int,

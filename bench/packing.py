@@ -24,7 +24,7 @@ from common import SHAPES, load_note, machine, setup, timed_interleaved
 
 from gpt2.data.examples import IGNORE, Example
 from gpt2.model import GPT
-from gpt2.train.batches import collate, pack_rows
+from gpt2.training.batches import collate, pack_rows
 
 
 def examples(n: int, n_ctx: int, n_vocab: int, median: int, seed: int = 0) -> list[Example]:

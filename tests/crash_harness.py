@@ -20,9 +20,9 @@ import time
 
 from pathlib import Path
 
-import gpt2.train.run_dir as run_dir
+import gpt2.training.run_dir as run_dir
 from gpt2.cli import main
-from gpt2.io.paths import follow_run_dir
+from gpt2.files.paths import follow_run_dir
 
 STATE = {"active": False, "n": 0, "target": -1, "kill_at": 0}
 _save = run_dir.RunDir.save

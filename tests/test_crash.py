@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import bounded
-from gpt2.io.paths import follow_run_dir
+from gpt2.files.paths import follow_run_dir
 from test_train import args, make_model_dir, synthetic_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 KILLER = r"""
 import os, signal, sys
 target, kill_at = int(os.environ["KILL_STEP"]), int(os.environ["KILL_AT"])
-import gpt2.train.run_dir as rd
+import gpt2.training.run_dir as rd
 state = {"active": False, "n": 0}
 save = rd.RunDir.save
 def watched(self, step, *a, **k):
@@ -201,7 +201,7 @@ def test_no_space_in_the_middle_of_a_save_removes_what_it_wrote(setup, small_dis
 
     from gpt2.errors import UserError
     from gpt2.model import GPT, GPTConfig
-    from gpt2.train.run_dir import RunDir
+    from gpt2.training.run_dir import RunDir
 
     monkeypatch.setattr(RunDir, "check_space", lambda self, needed: None)
     model = GPT(GPTConfig(n_vocab=97, n_ctx=64, n_embd=128, n_head=4, n_layer=2))
@@ -306,7 +306,7 @@ def test_ctrl_c_in_a_long_benchmark_stops_within_a_batch_and_saves(setup):
 
 TWO_CTRL_C = """
 import os, signal, subprocess, sys, torch
-from gpt2.train.loop import StopRequest
+from gpt2.training.loop import StopRequest
 torch.set_num_threads(1)
 b = torch.randn(5000, 5000)
 with StopRequest() as stop:

@@ -26,6 +26,7 @@ from gpt2.data.sampler import Sampler
 from gpt2.data.sources import expand_paths, split_into_parts
 from gpt2.data.splits import split_validation
 from gpt2.data.tokens import encode_chunk_table, load_bin, load_token_files
+from gpt2.tokenizer.files import load_encoder
 from gpt2.data.write import encode_corpus, encode_to_bin
 from gpt2.errors import UserError
 from test_dataset import EOT, enc, joined, ref  # noqa: F401  (fixtures)
@@ -185,10 +186,11 @@ def test_shards_and_array_job_parts_reassemble_to_the_whole(tmp_path, enc, ref,
                                                              gpt2_vocab_dir):
     docs = corpus_of_every_kind(tmp_path / "in")
     whole = [ref.encode_ordinary(d) for d in docs]
-    encode_corpus(str(tmp_path / "in"), tmp_path / "whole.bin", gpt2_vocab_dir, quiet=True)
+    gpt2_enc = load_encoder(gpt2_vocab_dir)
+    encode_corpus(str(tmp_path / "in"), tmp_path / "whole.bin", gpt2_enc, quiet=True)
     assert documents_of([tmp_path / "whole.bin"]) == whole
     # shards of about 500 tokens: several, each with its own index, no document split
-    indexes = encode_corpus(str(tmp_path / "in"), str(tmp_path / "shards") + "/", gpt2_vocab_dir,
+    indexes = encode_corpus(str(tmp_path / "in"), str(tmp_path / "shards") + "/", gpt2_enc,
                             shard_tokens=500, quiet=True)
     shards = sorted((tmp_path / "shards").glob("*.bin"))
     assert len(shards) == len(indexes) > 3
@@ -196,7 +198,7 @@ def test_shards_and_array_job_parts_reassemble_to_the_whole(tmp_path, enc, ref,
     assert documents_of(shards) == whole
     # 5 array-job parts, each on its own, into one folder: disjoint, in order, complete
     for i in range(5):
-        encode_corpus(str(tmp_path / "in"), str(tmp_path / "parts") + "/", gpt2_vocab_dir,
+        encode_corpus(str(tmp_path / "in"), str(tmp_path / "parts") + "/", gpt2_enc,
                       shard_tokens=300, num_shards=5, shard_index=i, quiet=True)
     parts = sorted((tmp_path / "parts").glob("*.bin"))
     assert len({p.name.split("-")[1] for p in parts}) == 5  # every part wrote shards
@@ -216,8 +218,8 @@ def test_a_glob_of_shards_trains_in_place_and_leaves_the_cache_untouched(tmp_pat
     model_dir = make_model_dir(tmp_path / "tiny")
     text = synthetic_text(8000).replace(". ", ".<|endoftext|>")
     (tmp_path / "corpus.txt").write_text(text)
-    encode_corpus(str(tmp_path / "corpus.txt"), str(tmp_path / "shards") + "/", model_dir,
-                  shard_tokens=4000, quiet=True)
+    encode_corpus(str(tmp_path / "corpus.txt"), str(tmp_path / "shards") + "/",
+                  load_encoder(model_dir), shard_tokens=4000, quiet=True, encoder_dir=model_dir)
     n_shards = len(list((tmp_path / "shards").glob("*.bin")))
     assert n_shards >= 5
     cache = tmp_path / "cache"

@@ -162,7 +162,7 @@ def test_mps_runs_one_process_and_says_so():
 
 
 def test_the_distributed_init_uses_the_devices_collective(accelerator, monkeypatch):
-    from gpt2.train import distributed
+    from gpt2.training import distributed
 
     accelerator("xpu", count=2)
     monkeypatch.setattr(runtime, "use_device", lambda device: None)
@@ -194,7 +194,7 @@ def test_compile_uses_the_devices_backend(kind, backend, default, monkeypatch):
 
 
 def test_fused_adam_only_where_torch_has_it():
-    from gpt2.train.optim import build_optimizer
+    from gpt2.training.optim import build_optimizer
 
     model = torch.nn.Linear(4, 4)
     assert build_optimizer(model, "adamw", 1e-3).defaults["fused"] is True
@@ -213,7 +213,7 @@ def test_an_accelerators_rng_state_is_saved_and_restored(accelerator, monkeypatc
         set_rng_state_all = staticmethod(restored.append)
 
     monkeypatch.setattr(torch, "get_device_module", lambda kind: Module)
-    from gpt2.train.state import rng_state, set_rng_state
+    from gpt2.training.state import rng_state, set_rng_state
 
     state = rng_state()
     assert len(state["cuda"]) == 2

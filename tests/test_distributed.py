@@ -24,8 +24,8 @@ from gpt2.io.model_dir import load_model
 from gpt2.model import GPT, GPTConfig
 from helpers import lm_loss
 from gpt2.commands.train import main as train_main
-from gpt2.train.distributed import DistInfo
-from gpt2.train.parallelize import Parallel
+from gpt2.training.distributed import DistInfo
+from gpt2.training.parallelize import Parallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bounded import Proc, run, spawn  # noqa: E402
@@ -90,7 +90,7 @@ def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str, chunk: int
     torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out}.{rank}")
     # The product's way out. A bare destroy_process_group() here, with `ddp` still alive,
     # left its reducer to free the group later, from C++: that hung 4 runs in 12.
-    from gpt2.train import distributed
+    from gpt2.training import distributed
 
     distributed.shutdown()
 
@@ -122,8 +122,8 @@ def _native_threads() -> list[str]:
 
 
 def _train_one_step(info: DistInfo, fsdp: bool) -> tuple:
-    from gpt2.train import optim
-    from gpt2.train.parallelize import parallelize
+    from gpt2.training import optim
+    from gpt2.training.parallelize import parallelize
 
     torch.manual_seed(0)  # FSDP2 does not broadcast: the same init on every rank
     model = GPT(CFG)
@@ -140,7 +140,7 @@ def _train_one_step(info: DistInfo, fsdp: bool) -> tuple:
 
 
 def _leave_worker(rank: int, port: int, fsdp: bool, out: str) -> None:
-    from gpt2.train import distributed
+    from gpt2.training import distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -207,7 +207,7 @@ def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir):
     assert out.count("Saving") == 1 and out.count("Training...") == 1  # rank 0 alone prints
     run_dir = tmp_path / "checkpoint" / "run1"
     assert [m["step"] for m in metrics(run_dir)] == [0, 1, 2, 3]  # one line per step
-    from gpt2.io.paths import follow_run_dir
+    from gpt2.files.paths import follow_run_dir
 
     state = json.loads((follow_run_dir(run_dir) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
@@ -255,7 +255,7 @@ def test_fsdp_run_saves_a_whole_model_and_resumes(tmp_path, data, model_dir):
     assert model.lm_head.weight is model.wte.weight
     from safetensors.torch import load_file
 
-    from gpt2.io.paths import follow_run_dir
+    from gpt2.files.paths import follow_run_dir
 
     opt = load_file(str(follow_run_dir(run_dir) / "optimizer.safetensors"))
     assert opt["wte.weight/exp_avg"].shape == model.wte.weight.shape  # full, not a shard

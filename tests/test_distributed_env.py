@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpt2.train import distributed
+from gpt2.training import distributed
 from gpt2.errors import UserError
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.io import download
+from gpt2.files import download
 from gpt2.commands.download import main
-from gpt2.io.download import HUGGINGFACE_FILES, RELEASE_FILES, download_model, file_urls
+from gpt2.files.download import HUGGINGFACE_FILES, RELEASE_FILES, download_model, file_urls
 from gpt2.errors import UserError
 from bounded import run
 
@@ -318,27 +318,29 @@ def test_huggingface_source(server, tmp_path):
 
 
 def test_dataset_urls_are_the_canonical_ones():
-    from gpt2.io.download import DATASETS
+    from gpt2.tasks import TASKS
 
-    assert DATASETS["hellaswag"][0] == ("https://raw.githubusercontent.com/rowanz/hellaswag/"
-                                        "master/data/hellaswag_val.jsonl")
-    assert DATASETS["lambada"][0] == ("https://openaipublic.blob.core.windows.net/gpt-2/data/"
-                                      "lambada_test.jsonl")
-    assert DATASETS["wikitext103"][:2] == ("https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
-                                           "wikitext-103-raw-v1.zip")
+    assert TASKS["hellaswag"].data.url == ("https://raw.githubusercontent.com/rowanz/hellaswag/"
+                                           "master/data/hellaswag_val.jsonl")
+    assert TASKS["lambada"].data.url == ("https://openaipublic.blob.core.windows.net/gpt-2/data/"
+                                         "lambada_test.jsonl")
+    assert (TASKS["wikitext103"].data.url, TASKS["wikitext103"].data.name) == (
+        "https://wikitext.smerity.com/wikitext-103-raw-v1.zip", "wikitext-103-raw-v1.zip")
 
 
 def test_dataset_download_resumes_retries_and_checks_sha256(server, tmp_path, monkeypatch, capsys):
     import hashlib
 
+    import dataclasses
+
     from gpt2.cli import main as cli
-    from gpt2.io.download import DATASETS
+    from gpt2.tasks import TASKS, DataFile
 
     data = b"".join(b'{"text": "row %d of the test set"}\n' % i for i in range(5000))
     server.files["/gpt-2/data/lambada_test.jsonl"] = data
-    monkeypatch.setitem(DATASETS, "lambada", (
+    monkeypatch.setitem(TASKS, "lambada", dataclasses.replace(TASKS["lambada"], data=DataFile(
         f"{server.url}/gpt-2/data/lambada_test.jsonl", "lambada_test.jsonl", len(data),
-        hashlib.sha256(data).hexdigest()))
+        hashlib.sha256(data).hexdigest())))
     server.cut.add("/gpt-2/data/lambada_test.jsonl")
     server.fail500["/gpt-2/data/lambada_test.jsonl"] = 1
     assert cli(["download", "--dataset", "lambada", "--data_dir", str(tmp_path / "data")]) == 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gpt2.io.model_dir import save_model
 from gpt2.cli import run
 from gpt2.commands.evaluate import main
-from gpt2.evaluate import evaluate, windows
+from gpt2.perplexity import evaluate, windows
 from gpt2.io.hf import export_huggingface
 from gpt2.model import GPT, GPTConfig
 from helpers import make_model

@@ -21,7 +21,7 @@ from gpt2.errors import UserError
 from gpt2.model import GPTConfig
 from gpt2.tokenizer.chat import DEFAULT_TEMPLATE, ChatTemplate
 from gpt2.tokenizer.files import load_encoder
-from gpt2.train.batches import collate, pack_rows
+from gpt2.training.batches import collate, pack_rows
 from helpers import make_model
 from test_train import make_model_dir
 
@@ -369,9 +369,9 @@ def test_ranks_share_each_epoch_rows_evenly_and_resume_from_rank_0s_state():
     """Every rank streams as many rows per epoch (all examples among them), so the one state
     a checkpoint keeps (rank 0's) puts every rank back exactly where it was."""
     from gpt2.data.examples import Example, ExampleSet
-    from gpt2.train.batches import ExampleBatches
-    from gpt2.train.config import TrainConfig
-    from gpt2.train.distributed import DistInfo
+    from gpt2.training.batches import ExampleBatches
+    from gpt2.training.config import TrainConfig
+    from gpt2.training.distributed import DistInfo
 
     rng = np.random.default_rng(0)
     examples = [Example(np.full(n, i, np.int32), np.full(n, IGNORE, np.int32))

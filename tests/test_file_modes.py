@@ -13,7 +13,7 @@ from gpt2.commands.encode import main as encode_main
 from gpt2.commands.export import main as export_main
 from gpt2.commands.generate import main as generate_main
 from gpt2.commands.train import main as train_main
-from gpt2.io.atomic import atomic_write, write_text
+from gpt2.files.atomic import atomic_write, write_text
 from gpt2.tokenizer.train import train_tokenizer
 from test_train import args, make_model_dir, synthetic_text
 

@@ -6,6 +6,7 @@ These are the rules DEVELOPERS.md states; a change that breaks one fails here wi
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,64 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(cycles)
 
 
+# The package's layers, bottom first (DEVELOPERS.md shows the same order and says why): a module
+# may import from its own top-level name and from the names before it, never from later ones.
+LAYERS = [
+    "errors", "gpt2", "flags",           # bad input; the root (its public names load lazily)
+    "files",                             # atomic writes, paths, checksums, TF bundles, downloads
+    "runtime", "model", "kernels", "quant",   # devices; the model; kernels swapped in outside
+    "data",                              # records, text and token files, encoding, windows
+    "tokenizer",                         # BPE, sentencepiece, chat templates, tokenizer training
+    "io",                                # model formats, exports, loading a model to run it
+    "sampling", "conversation",          # decoding, chats
+    "perplexity", "evaluate",            # loss over a dataset (evaluate: its old name)
+    "tasks", "lora",                     # benchmarks; adapters
+    "training", "train",                 # the training loop (train: its old name)
+    "serve", "lm_eval",                  # the server; the harness backend
+    "commands", "cli", "__main__",       # command-line tools on top
+]
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "gpt2"
+
+
+def test_layers_import_downwards_only():
+    """Every import of the package (lazy ones and importlib.import_module of a literal name
+    included) goes to the importer's own layer or one below it."""
+    mods = modules()
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    bad = [f"{name}: {_layer(name)!r} is not in LAYERS (tests/test_layout.py)"
+           for name in mods if _layer(name) not in rank]
+    for name, path in mods.items():
+        targets = [(t, line) for t, names, line in imports(name, path)]
+        targets += [(n.args[0].value, n.lineno) for n in ast.walk(tree(path))
+                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                    and n.func.attr == "import_module" and n.args
+                    and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)]
+        for target, line in targets:
+            if not (target == "gpt2" or target.startswith("gpt2.")) or _layer(target) not in rank:
+                continue
+            if rank[_layer(target)] > rank.get(_layer(name), -1):
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {_layer(name)} imports "
+                           f"{target}, a layer above it")
+    assert not bad, "\n".join(bad)
+
+
+def test_package_names_do_not_hide_public_names():
+    """``import gpt2.x`` sets ``gpt2.x``: no module may be named like a public function (the
+    two old names that were are callable aliases that call it)."""
+    import gpt2
+
+    clash = {name for name in modules() if name.count(".") == 1} & \
+        {f"gpt2.{n}" for n in gpt2.__all__}
+    assert clash == {"gpt2.train", "gpt2.evaluate"}
+    for name in clash:
+        module = importlib.import_module(name)
+        assert callable(module)
+
+
 def _calls(path: Path, dotted: str) -> list[int]:
     mod, _, attr = dotted.rpartition(".")
     return [n.lineno for n in ast.walk(tree(path)) if isinstance(n, ast.Call)
@@ -124,19 +183,19 @@ def _calls(path: Path, dotted: str) -> list[int]:
 
 @pytest.mark.parametrize("call", ["tempfile.mkstemp", "tempfile.mkdtemp", "os._exit"])
 def test_one_way_to_write_a_file(call):
-    """Temporary files and renames come from gpt2.io.atomic; nothing leaves the process by
+    """Temporary files and renames come from gpt2.files.atomic; nothing leaves the process by
     os._exit (a distributed run's Gloo threads are freed before exit instead, see
-    gpt2.train.distributed.shutdown)."""
+    gpt2.training.distributed.shutdown)."""
     found = [f"{name}:{line}" for name, path in modules().items()
              for line in _calls(path, call)]
     assert not found, f"{call} in " + ", ".join(found)
 
 
 def test_renames_only_in_the_atomic_helpers():
-    allowed = {"gpt2.io.atomic", "gpt2.io.download", "gpt2.train.run_dir"}
+    allowed = {"gpt2.files.atomic", "gpt2.files.download", "gpt2.training.run_dir"}
     found = [f"{name}:{line}" for name, path in modules().items() if name not in allowed
              for line in _calls(path, "os.replace") + _calls(path, "os.rename")]
-    assert not found, "os.replace outside gpt2.io.atomic: " + ", ".join(found)
+    assert not found, "os.replace outside gpt2.files.atomic: " + ", ".join(found)
 
 
 TESTS = Path(__file__).resolve().parent

@@ -21,7 +21,7 @@ from test_train import (
 
 from gpt2.errors import UserError
 from gpt2.model import GPTConfig
-from gpt2.train.optim import (
+from gpt2.training.optim import (
     MUON_ADAM,
     MuonAdamW,
     build_optimizer,
@@ -109,7 +109,7 @@ def test_muon_training_falls_and_resumes_bitwise(tmp_path, monkeypatch):
 
 
 def test_muon_with_fsdp_is_one_line(tmp_path, monkeypatch):
-    from gpt2.train.config import parse_config
+    from gpt2.training.config import parse_config
 
     with pytest.raises(UserError, match="--optimizer muon cannot be combined with --fsdp"):
         parse_config(["--dataset", "x.txt", "--optimizer", "muon", "--fsdp"]).validate()

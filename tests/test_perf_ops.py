@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.train.memory import (GB, OPTIMIZERS, estimate_memory, optimizer_bytes,
+from gpt2.training.memory import (GB, OPTIMIZERS, estimate_memory, optimizer_bytes,
                                   param_shapes)
 from gpt2 import kernels
 from gpt2.kernels import OneDNNLinear, decode_kernels

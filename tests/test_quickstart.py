@@ -12,7 +12,7 @@ import pytest
 
 import bounded
 from gpt2.io.model_dir import load_config
-from gpt2.io.paths import follow_run_dir
+from gpt2.files.paths import follow_run_dir
 from gpt2.tokenizer.files import (bpe_files, copy_encoder_files, encoder_fingerprint,
                                   load_encoder)
 

@@ -7,7 +7,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from gpt2.train.config import TrainConfig
+from gpt2.training.config import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLES = ("### Flags of the original `train.py`", "### Added flags",

@@ -12,7 +12,7 @@ import pytest
 from test_tasks import write_rows
 
 from gpt2.cli import main
-from gpt2.train.config import parse_config
+from gpt2.training.config import parse_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FULL, TWIN = RECIPES / "gpt2-124M-fineweb.yaml", RECIPES / "gpt2-124M-fineweb-cpu.yaml"
@@ -41,10 +41,24 @@ def test_the_recipe_is_llm_c_s_and_the_twin_differs_only_in_sizes(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     Path("data").mkdir()
     write_rows(Path("data/hellaswag_val.jsonl"), 2)
+    stand_in_for_the_download(Path("data/hellaswag_val.jsonl"), monkeypatch)
     for path in (FULL, TWIN):
         cfg = parse_config(["--config", str(path)])
         cfg.validate()  # every value passes the flags' checks
         assert cfg.lr_schedule == "cosine" and cfg.init == "fresh"
+
+
+def stand_in_for_the_download(path: Path, monkeypatch) -> None:
+    """``path`` (where `gpt2 download --dataset hellaswag` puts the file) is taken for the
+    published file: commands refuse anything else there."""
+    import dataclasses
+    import hashlib
+
+    from gpt2.tasks import TASKS, DataFile
+
+    data = path.read_bytes()
+    monkeypatch.setitem(TASKS, "hellaswag", dataclasses.replace(TASKS["hellaswag"], data=DataFile(
+        TASKS["hellaswag"].data.url, path.name, len(data), hashlib.sha256(data).hexdigest())))
 
 
 def write_fineweb_shards(folder: Path, shards: int = 3) -> None:
@@ -83,6 +97,7 @@ def test_the_cpu_twin_runs_end_to_end_on_fineweb_parquet(tmp_path, gpt2_vocab_di
                  "--model_dir", str(model), "--shard_tokens", "20000", "--workers", "1",
                  "--quiet"]) == 0
     write_rows(Path("data/hellaswag_val.jsonl"), 8)
+    stand_in_for_the_download(Path("data/hellaswag_val.jsonl"), monkeypatch)
     capsys.readouterr()
     assert main(["train", "--config", str(TWIN)]) == 0
     out = capsys.readouterr().out

@@ -129,9 +129,9 @@ def test_greedy_equals_gpt2_generate(server, model_dir):
 
 
 def test_echo_logprobs_equal_evaluate(server, model_dir):
-    from gpt2.evaluate import evaluate
+    from gpt2.perplexity import evaluate
     from gpt2.io.model_dir import load_model
-    from gpt2.io.paths import find_model_dir
+    from gpt2.files.paths import find_model_dir
     from gpt2.tokenizer import load_encoder
 
     prompt = "the school was one of the first"
@@ -424,7 +424,7 @@ def expected_reply(model_dir, messages, max_tokens: int) -> tuple[str, int]:
     """The greedy reply computed in-process, through gpt2.conversation (gpt2 chat's code)."""
     from gpt2.conversation import prompt_ids, reply
     from gpt2.io.model_dir import load_model
-    from gpt2.io.paths import find_model_dir
+    from gpt2.files.paths import find_model_dir
     from gpt2.tokenizer import load_encoder
     from gpt2.tokenizer.chat import ChatTemplate
 

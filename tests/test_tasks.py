@@ -257,8 +257,9 @@ def test_tasks_and_backend_equal_lm_evaluation_harness(tmp_path, gpt2_vocab_dir,
 
     assert main(["evaluate", str(tmp_path / "model"), "--task", "lambada", "--data",
                  str(lambada), "--out", str(tmp_path / "lambada.json")]) == 0
-    assert main(["evaluate", str(tmp_path / "model"), "--task", "wikitext2", "--data_dir",
-                 str(tmp_path), "--out", str(tmp_path / "wikitext.json")]) == 0
+    assert main(["evaluate", str(tmp_path / "model"), "--task", "wikitext2", "--data",
+                 str(tmp_path / "wikitext-2-raw-v1.zip"), "--out",
+                 str(tmp_path / "wikitext.json")]) == 0
     for key, value in env.items():
         os.environ[key] = value  # (monkeypatch would not reach the harness's cached settings)
     assert main(["lm-eval", str(tmp_path / "model"), "--tasks", names, "--include_path",
@@ -392,8 +393,9 @@ def test_wikitext_token_perplexity_equals_transformers_sliding_window(tmp_path, 
     save_model(model, tmp_path / "model", encoder_dir=gpt2_vocab_dir)
     export_huggingface(model, tmp_path / "hf", encoder_dir=gpt2_vocab_dir)
     write_wikitext(tmp_path / "wikitext-2-raw-v1.zip", pages=3)
-    assert main(["evaluate", str(tmp_path / "model"), "--task", "wikitext2", "--data_dir",
-                 str(tmp_path), "--stride", "24", "--out", str(tmp_path / "w.json")]) == 0
+    assert main(["evaluate", str(tmp_path / "model"), "--task", "wikitext2", "--data",
+                 str(tmp_path / "wikitext-2-raw-v1.zip"), "--stride", "24", "--out",
+                 str(tmp_path / "w.json")]) == 0
     ours = json.loads((tmp_path / "w.json").read_text())
 
     from gpt2.tasks import read_wikitext, wikitext_detokenize

@@ -1,4 +1,4 @@
-"""gpt2.io.tf_checkpoint: OpenAI's TensorFlow checkpoint format, read and written without TensorFlow.
+"""gpt2.files.tf_checkpoint: OpenAI's TensorFlow checkpoint format, read and written without TensorFlow.
 
 tests/fixtures/release-tiny/ was saved by real TensorFlow 2.21 (tests/fixtures/
 make_release_fixture.py), with logits TensorFlow computed; the writer's output was checked to
@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2.io import tf_format
-from gpt2.io.crc32c import mask as crc32c_mask
+from gpt2.files import tf_format
+from gpt2.files.checksums import mask as crc32c_mask
 from gpt2.errors import UserError
-from gpt2.io.tf_checkpoint import (crc32c, list_tf_checkpoint, read_tf_checkpoint,
+from gpt2.files.tf_checkpoint import (crc32c, list_tf_checkpoint, read_tf_checkpoint,
                                 resolve_checkpoint_prefix, write_tf_checkpoint)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release-tiny"

@@ -24,13 +24,13 @@ import pytest
 import torch
 
 import bounded
-from gpt2.train import memory, optim, parallelize
+from gpt2.training import memory, optim, parallelize
 from gpt2.cli import run
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from helpers import lm_loss
 from gpt2.commands.train import main
-from gpt2.train.config import parse_config
+from gpt2.training.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny.json"
@@ -120,7 +120,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def newest(path: Path) -> Path:
     """A run directory's newest checkpoint (what its counter names), or the path itself."""
-    from gpt2.io.paths import follow_run_dir
+    from gpt2.files.paths import follow_run_dir
 
     return follow_run_dir(Path(path))
 
@@ -163,7 +163,7 @@ def test_training_equals_transformers_on_the_same_weights_and_batches(
 
     import transformers
 
-    import gpt2.train.batches as batches_module
+    import gpt2.training.batches as batches_module
     from gpt2.io.hf import export_huggingface
     from gpt2.io.model_dir import save_model
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from gpt2.errors import UserError
-from gpt2.train import optim
-from gpt2.train.batches import TextBatches
-from gpt2.train.build import build_training_model
-from gpt2.train.config import parse_config
-from gpt2.train.distributed import DistInfo
-from gpt2.train.evaluation import Validation, training_samples
-from gpt2.train.parallelize import CheckpointedBlock
-from gpt2.train.run_dir import RunDir
-from gpt2.train.start import plan_start
+from gpt2.training import optim
+from gpt2.training.batches import TextBatches
+from gpt2.training.build import build_training_model
+from gpt2.training.config import parse_config
+from gpt2.training.distributed import DistInfo
+from gpt2.training.evaluation import Validation, training_samples
+from gpt2.training.parallelize import CheckpointedBlock
+from gpt2.training.run_dir import RunDir
+from gpt2.training.start import plan_start
 from gpt2.tokenizer.files import load_encoder
 from helpers import lm_loss
 from test_train import _isolated, args, data, main, model_dir  # noqa: F401
@@ -157,7 +157,7 @@ def write_eval_files(tmp_path) -> tuple:
 
 def test_task_evals_score_as_the_tasks_do_and_stop_within_a_pass(tmp_path, data, model_dir):
     from gpt2.tasks import read_hellaswag, read_lambada, score
-    from gpt2.train.evaluation import TaskEvals
+    from gpt2.training.evaluation import TaskEvals
 
     hellaswag, lambada = write_eval_files(tmp_path)
     cfg = config(data, model_dir, eval_every=1, eval_limit=6, batch_size=4,

@@ -3,18 +3,18 @@
 Each command lives in its own module of :mod:`gpt2.commands` with ``main(argv) -> int``; the
 flat scripts of the original layout (``download_model.py``, ``encode.py``, ``train.py``, ...)
 call the same functions through :func:`script`. Modules are imported only when their command
-runs, so ``gpt2 --help`` stays fast. Every command's parser is :class:`ArgumentParser`: a bad
-flag is one line and a pointer to ``--help``, not the whole usage.
+runs, so ``gpt2 --help`` stays fast. Every command's parser is
+:class:`gpt2.flags.ArgumentParser`: a bad flag is one line and a pointer to ``--help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import signal
 import sys
 
 from .errors import Terminated, UserError
+from .flags import ArgumentParser, HelpFormatter  # noqa: F401 (their old home)
 
 # command -> (module, help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,23 +38,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("gpt2.commands.quickstart",
                    "the README's demo: tokenizer + small GPT-2 on pydoc text"),
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: <what is wrong> (see <prog> --help)``, exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is empty or the help already states it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        empty = action.default is None or action.default is False or action.default == []
-        if empty or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 def _resolve(target: str):

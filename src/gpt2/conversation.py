@@ -1,7 +1,7 @@
 """A chat with a model: messages in, the assistant's reply out, the way every chat tool here
 does it (``gpt2 chat``, ``gpt2 generate --chat``, the server's ``/v1/chat/completions``).
 
-    template = ChatTemplate.load(model_dir)
+    template = ChatTemplate.for_model(model_dir)
     ids, dropped = prompt_ids(template, enc, messages, n_ctx, max_new=200)
     text, reason = reply(model, enc, ids, 200, temperature=0.7, top_k=40, on_text=print)
 
@@ -22,6 +22,10 @@ from .errors import UserError
 from .sampling import decode
 
 
+class ContextTooLong(UserError):
+    """The conversation's newest message does not fit the model's context."""
+
+
 def prompt_ids(template, encoder, messages: list[dict], n_ctx: int, max_new: int
                ) -> tuple[list[int], int]:
     """The rendered prompt's ids, and how many of the oldest turns were dropped to fit
@@ -35,7 +39,7 @@ def prompt_ids(template, encoder, messages: list[dict], n_ctx: int, max_new: int
         if len(ids) <= room:
             return ids, dropped
         if dropped >= len(turns) - 1:  # the newest message alone does not fit
-            raise UserError(f"the conversation's last message needs {len(ids)} tokens, but "
+            raise ContextTooLong(f"the conversation's last message needs {len(ids)} tokens, but "
                             f"{room} fit with {max_new} new ones in n_ctx {n_ctx}")
         dropped += 1
         while dropped < len(turns) - 1 and turns[dropped]["role"] != "user":

@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised by the one-line error test
                       "pip install 'gpt2[eval]'") from None
 
 from .errors import UserError
-from .sampling import cut_at_stop, decode
+from .sampling import complete
 from .tasks import in_chunks, context_ids, encode_pair, continuation_scores, rolling_windows
 
 
@@ -57,23 +57,15 @@ class GPT2LM(LM):
                  device: str | None = None, dtype: str = "fp32", batch_size: int | str = 8,
                  max_gen_toks: int | str = 256, **ignored) -> None:
         super().__init__()
-        from .commands.common import with_dtype
-        from .runtime import pick_device
-
         if isinstance(pretrained, torch.nn.Module):
             if encoder is None:
                 raise ValueError("a loaded model needs its encoder: GPT2LM(model, encoder=enc)")
             self.model, self.encoder, self.model_dir = pretrained, encoder, None
         else:
-            from .io.model_dir import check_model_dir, load_model
-            from .io.paths import find_model_dir
-            from .tokenizer.files import load_encoder
+            from .io.inference import load_for_inference
 
-            self.model_dir = find_model_dir(os.fspath(pretrained))
-            check_model_dir(self.model_dir)
-            self.encoder = load_encoder(self.model_dir)
-            self.model = with_dtype(load_model(self.model_dir, device=pick_device(device)),
-                                    dtype)
+            self.model, self.encoder, _, self.model_dir = load_for_inference(
+                os.fspath(pretrained), device, dtype)
         self.model.eval()
         if self.encoder.eot_token is None:
             raise UserError("lm-evaluation-harness needs a tokenizer with <|endoftext|> (its "
@@ -149,22 +141,12 @@ class GPT2LM(LM):
             contexts = {i: self.encoder.encode(requests[i].args[0])[-room:] for i in members}
             members.sort(key=lambda i: -len(contexts[i]))
             for chunk in in_chunks(members, self.batch_size, "generate_until",
-                                 False if disable_tqdm else None):
-                texts: dict[int, str] = {}
-
-                def finished(row: int, ids: list[int], chunk=chunk, texts=texts) -> bool:
-                    text = self.encoder.decode(ids)
-                    cut = cut_at_stop(text, until)
-                    if cut is not None:
-                        texts[row] = text[:cut]
-                    return cut is not None
-
-                new = decode(self.model,
-                             [context_ids(self.encoder, contexts[i], "a request")
-                              for i in chunk], length, temperature=temperature,
-                             top_k=top_k, top_p=top_p, finished=finished)
-                for row, i in enumerate(chunk):
-                    out[i] = texts.get(row, self.encoder.decode(new[row]))
+                                   False if disable_tqdm else None):
+                texts = complete(self.model, self.encoder,
+                                 [context_ids(self.encoder, contexts[i], "a request")
+                                  for i in chunk], length, temperature, top_k, top_p, until)
+                for i, text in zip(chunk, texts):
+                    out[i] = text
         return out
 
     # ---- chat templates ------------------------------------------------------------------
@@ -185,5 +167,5 @@ class GPT2LM(LM):
         from .tokenizer.chat import ChatTemplate
 
         if self._template is None:
-            self._template = ChatTemplate.load(self.model_dir)
+            self._template = ChatTemplate.for_model(self.model_dir)
         return self._template

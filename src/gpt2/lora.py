@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .io.atomic import atomic_write, write_text
+from .files.atomic import atomic_write, write_text
 from .io.model_dir import load_model
 from .io.tensors import load_safetensors, unwrap
 from .model import GPT

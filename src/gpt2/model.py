@@ -2,7 +2,7 @@
 
 The module computes and nothing else: no file or network I/O, no prints, no device, precision,
 kernel, compile or distribution code (those are applied from outside: :mod:`gpt2.runtime`,
-:mod:`gpt2.kernels`, :mod:`gpt2.train.parallelize`). Parameter names follow OpenAI's release
+:mod:`gpt2.kernels`, :mod:`gpt2.training.parallelize`). Parameter names follow OpenAI's release
 (``wte wpe h.{i}.ln_1 attn.c_attn attn.c_proj ln_2 mlp.c_fc mlp.c_proj ln_f``) so that weight
 conversion is a table, not a puzzle.
 
@@ -147,6 +147,14 @@ def _segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return index - first, same & causal
 
 
+def _padded_causal(key_mask: torch.Tensor, T: int, past_len: int) -> torch.Tensor:
+    """The [B, 1, T, past + T] mask of left-padded rows: causal, padding left out; padding
+    sees itself only, so that no row of the mask is empty (NaN)."""
+    causal = torch.ones(T, past_len + T, dtype=torch.bool, device=key_mask.device).tril(
+        diagonal=past_len)
+    return (key_mask[:, None, None, :] & causal) | causal.triu(diagonal=past_len)
+
+
 def _extend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """cached [B, H, S, D] followed by new [B, H, T, D] along the sequence.
 
@@ -248,7 +256,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
                       use_cache: bool = True, key_mask: torch.Tensor | None = None,
-                      segments: torch.Tensor | None = None
+                      segments: torch.Tensor | None = None, positions: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, list[LayerPast]]:
         """Final layer-normed states [B, T, n_embd] and the new cache (one (k, v) per layer).
 
@@ -263,6 +271,9 @@ class GPT(nn.Module):
         ``segments`` [B, T] (ints, each segment a contiguous run) packs several sequences in a
         row: a token attends only to earlier tokens of its own segment, and positions restart
         at 0 at each segment's start, so every sequence is computed as if it were alone.
+
+        ``positions`` [B, T] gives the position ids instead of counting them (a runtime that
+        keeps its own, as ONNX's decoder signature does); they are not checked here.
         """
         B, T = tokens.shape
         past_len = 0 if past is None else past[0][0].size(2)
@@ -271,23 +282,19 @@ class GPT(nn.Module):
                 raise ValueError("segments= packs whole sequences: past and key_mask do not "
                                  "apply to it")
             positions, mask = _segment_layout(segments)
-        elif key_mask is None:
+        elif key_mask is None and positions is None:
             if past_len + T > self.config.n_ctx:
                 raise ValueError(f"sequence of {past_len + T} tokens is longer than n_ctx "
                                  f"({self.config.n_ctx})")
             positions = torch.arange(past_len, past_len + T, device=tokens.device)
             mask = None
         else:
-            # A token's position counts the real tokens before it in its row.
-            positions = (key_mask.cumsum(1) - 1)[:, past_len:].clamp(min=0)
-            if int(positions.max()) >= self.config.n_ctx:
-                raise ValueError(f"a row of {int(positions.max()) + 1} tokens is longer than "
-                                 f"n_ctx ({self.config.n_ctx})")
-            causal = torch.ones(T, past_len + T, dtype=torch.bool, device=tokens.device).tril(
-                diagonal=past_len)
-            itself = causal.triu(diagonal=past_len)
-            # Padding sees itself only, so that no row of the mask is empty (NaN).
-            mask = (key_mask[:, None, None, :] & causal) | itself
+            if positions is None:  # a token's position counts the real tokens before it
+                positions = (key_mask.cumsum(1) - 1)[:, past_len:].clamp(min=0)
+                if int(positions.max()) >= self.config.n_ctx:
+                    raise ValueError(f"a row of {int(positions.max()) + 1} tokens is longer "
+                                     f"than n_ctx ({self.config.n_ctx})")
+            mask = None if key_mask is None else _padded_causal(key_mask, T, past_len)
         x = self.drop(self.wte(tokens) + self.wpe(positions))
         present = []
         for i, block in enumerate(self.h):
@@ -299,7 +306,8 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, past: list[LayerPast] | None = None,
                 use_cache: bool = False, last_only: bool = False,
                 targets: torch.Tensor | None = None, loss_chunk: int = 0,
-                key_mask: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, n_vocab]; with use_cache, also the new cache.
 
         ``last_only`` computes the logits of the last position only ([B, 1, n_vocab]): all a
@@ -323,7 +331,7 @@ class GPT(nn.Module):
                               chunk=loss_chunk)
         if loss_chunk:
             raise ValueError("loss_chunk applies to the loss only (pass targets=)")
-        h, present = self.hidden_states(tokens, past, use_cache, key_mask, segments)
+        h, present = self.hidden_states(tokens, past, use_cache, key_mask, segments, positions)
         logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, present) if use_cache else logits
 

@@ -28,7 +28,8 @@ TorchTPU (``pip install 'gpt2[tpu]'``) is a PyTorch backend that torch loads by 
 torch.compile backend and the ``tpu`` process-group backend, which DDP and FSDP2 use.
 
 Precisions are ``fp32``, ``bf16`` and ``fp16`` everywhere (training, evaluation, serving,
-``load_model(dtype=...)``); training also takes ``auto``.
+``load_model(dtype=...)``); training also takes ``auto``, and running a model (``--dtype``,
+:data:`WEIGHT_DTYPES`) also ``int8``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from .errors import UserError
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO = "auto"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The weights' types a model can be run in (--dtype): the precisions, and int8 (gpt2.quant).
+WEIGHT_DTYPES = PRECISIONS + ("int8",)
 
 
 def parse_dtype(dtype) -> torch.dtype | None:

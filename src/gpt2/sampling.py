@@ -24,6 +24,7 @@ overrunning the position table.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -102,14 +103,23 @@ def check_length(context_len: int, length: int, n_ctx: int) -> None:
                          f"n_ctx {n_ctx} (at most {fit} new tokens fit)")
 
 
-def check_params(temperature: float, top_k: int, top_p: float) -> None:
-    """ValueError for settings no filter can apply (NaN included)."""
-    if not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature}")
+def sampling_problem(temperature: float, top_k: int, top_p: float) -> str | None:
+    """What is wrong with settings no filter can apply (NaN included), naming the setting
+    (``"temperature must be ..."``), or None."""
+    if not math.isfinite(temperature) or temperature < 0:
+        return f"temperature must be a number >= 0, got {temperature}"
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+        return f"top_k must be >= 0 (0 disables it), got {top_k}"
     if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        return f"top_p must be in [0, 1] (0 and 1 disable it), got {top_p}"
+    return None
+
+
+def check_params(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError for settings no filter can apply (:func:`sampling_problem`)."""
+    problem = sampling_problem(temperature, top_k, top_p)
+    if problem:
+        raise ValueError(problem)
 
 
 def _cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
@@ -320,10 +330,63 @@ def sample_sequence(model: torch.nn.Module, length: int, context: torch.Tensor,
     return out
 
 
+class StopStrings:
+    """Stop strings in generated text, the one place they are looked for (``generate``,
+    ``generate_batch``, the harness backend, the server): where the first one starts, and, for
+    text streamed as it comes, how much can be shown before knowing whether a stop string
+    begins there."""
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = [s for s in (stops or []) if s]
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+    def first(self, text: str, sent: int = 0) -> int | None:
+        """Where the earliest stop string starts in ``text``, or None; ``sent``: characters
+        already searched and shown (a new stop can start at most its length before them)."""
+        hits = [i for s in self.stops for i in [text.find(s, max(0, sent - len(s)))] if i >= 0]
+        return min(hits) if hits else None
+
+    def safe_end(self, text: str) -> int:
+        """How much of ``text`` can be sent: not a trailing replacement character (half of a
+        character whose other bytes are still to come), nor the start of a stop string."""
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":
+            end -= 1
+        for s in self.stops:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if text[:end].endswith(s[:k]):
+                    end -= k
+                    break
+        return end
+
+
 def cut_at_stop(text: str, stop: list[str]) -> int | None:
     """Index of the earliest stop string in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return min(hits) if hits else None
+    return StopStrings(stop).first(text)
+
+
+def complete(model: torch.nn.Module, enc, contexts: torch.Tensor | list[list[int]],
+             length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             stop: list[str] | None = None, generator: torch.Generator | None = None
+             ) -> list[str]:
+    """Each context (rows of a tensor, or id lists of any lengths) continued by up to
+    ``length`` tokens, decoded, and cut before its first stop string; a row that produced one
+    stops generating, and the loop ends when every row has (:func:`decode`)."""
+    stops = StopStrings(stop)
+    texts: dict[int, str] = {}
+
+    def finished(row: int, ids: list[int]) -> bool:
+        text = enc.decode(ids)
+        cut = stops.first(text)
+        if cut is not None:
+            texts[row] = text[:cut]
+        return cut is not None
+
+    new = decode(model, contexts, length, temperature, top_k, top_p, generator,
+                 finished if stops else None)
+    return [texts[i] if i in texts else enc.decode(ids) for i, ids in enumerate(new)]
 
 
 def generate_batch(model: torch.nn.Module, enc, context: list[int], n: int, length: int,
@@ -335,18 +398,6 @@ def generate_batch(model: torch.nn.Module, enc, context: list[int], n: int, leng
     ``enc`` needs only ``decode(ids) -> str``. A row that produced a stop string stops
     generating; the loop ends when every row has stopped or ``length`` tokens were made.
     """
-    stop = [s for s in (stop or []) if s]
     device = next(model.parameters()).device
-    texts: list[str | None] = [None] * n
-
-    def finished(row: int, ids: list[int]) -> bool:
-        text = enc.decode(ids)
-        cut = cut_at_stop(text, stop)
-        if cut is not None:
-            texts[row] = text[:cut]
-        return cut is not None
-
     x = torch.tensor([context] * n, dtype=torch.long, device=device)
-    new = decode(model, x, length, temperature, top_k, top_p, generator,
-                 finished if stop else None)
-    return [t if t is not None else enc.decode(new[i]) for i, t in enumerate(texts)]
+    return complete(model, enc, x, length, temperature, top_k, top_p, stop, generator)

@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..conversation import prompt_ids, reply
 from ..errors import UserError
-from ..io.paths import resolve_model_dir
+from ..io.inference import load_for_inference
 from ..tokenizer.chat import ChatTemplate
-from .common import add_dtype_argument, check_sampling_flags, generator_for, load_for_sampling
+from .common import add_dtype_argument, check_sampling_flags, generator_for
 
 PROMPT = "> "
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt2 chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="a model directory (a run directory: its newest checkpoint)")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="model directory (ours, a run, release or Hugging Face) or a released name")
     p.add_argument("--system", default=None, help="a system message to start with")
     p.add_argument("--max_tokens", type=int, default=200, help="longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -59,17 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     check_sampling_flags(args)
     if args.max_tokens < 1:
         raise UserError(f"--max_tokens must be >= 1, got {args.max_tokens}")
-    model_dir = resolve_model_dir(None, None, args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device, args.dtype)
+    model, enc, device, model_dir = load_for_inference(args.model_dir, args.device, args.dtype)
     if enc.eot_token is None:
         raise UserError(f"{model_dir}: the tokenizer has no <|endoftext|>, which ends a reply")
     n_ctx = model.config.n_ctx
     if args.max_tokens >= n_ctx:
         raise UserError(f"--max_tokens {args.max_tokens} leaves no room for the conversation "
                         f"in n_ctx {n_ctx}")
-    template = ChatTemplate.from_file(args.chat_template) if args.chat_template else \
-        ChatTemplate.load(model_dir)
-    template.compiled  # a broken template: one line now, not at the first message
+    template = ChatTemplate.for_model(model_dir, args.chat_template)
     generator = generator_for(device, args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict] = []

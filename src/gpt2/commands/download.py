@@ -5,18 +5,19 @@
     python download_model.py 774M --source huggingface    # config.json + model.safetensors + ...
     gpt2 download --dataset hellaswag                     # data/hellaswag_val.jsonl, checked
 
-The downloading itself (resumable, retrying) is :mod:`gpt2.io.download`.
+The downloading itself (resumable, retrying) is :mod:`gpt2.files.download`; the tasks' files
+(URL, size, sha256) are their rows in :mod:`gpt2.tasks`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..errors import UserError
-from ..io.download import (DATASETS, HUGGINGFACE_URL, RELEASE_URL, download_dataset,
-                           download_model)
-from ..io.paths import ALIASES, MODELS
+from ..files.download import HUGGINGFACE_URL, RELEASE_URL, download_model
+from ..files.paths import ALIASES, MODELS
+from ..tasks import TASKS, download_task_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", nargs="?", default=None,
                    help=f"one of {', '.join(MODELS)} (old names {', '.join(ALIASES)} work "
                         "too); any plain name with --base_url")
-    p.add_argument("--dataset", choices=list(DATASETS), default=None,
+    p.add_argument("--dataset", choices=list(TASKS), default=None,
                    help="instead of a model, fetch an evaluation task's data file from its "
                         "canonical URL into --data_dir, checked against its published sha256 "
                         "(for gpt2 evaluate --task)")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset:
         if args.source != "release":
             raise UserError("--source applies to models, not --dataset")
-        out = download_dataset(args.dataset, args.data_dir, args.base_url, args.retries)
+        out = download_task_data(args.dataset, args.data_dir, args.base_url, args.retries)
         print(f"Dataset saved in {out}")
         return 0
     out = download_model(args.model, args.models_dir, args.base_url, args.source, args.retries)

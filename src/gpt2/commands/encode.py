@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..data.encode import default_workers
 from ..data.write import encode_corpus
-from ..io.paths import resolve_model_dir
+from ..files.paths import resolve_model_dir
+from ..tokenizer.files import load_encoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,11 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # gpt2.io.paths needs no torch: encoding never pays for importing it.
+    # gpt2.files and gpt2.tokenizer need no torch: encoding never pays for importing it.
     model_dir = resolve_model_dir(args.model_name, args.models_dir, args.model_dir)
-    encode_corpus(args.in_text, args.out, model_dir, combine=args.combine,
+    encode_corpus(args.in_text, args.out, load_encoder(model_dir), combine=args.combine,
                   encoding=args.encoding, workers=args.workers, force=args.force,
                   quiet=args.quiet, text_field=args.text_field,
                   split_eot=not args.literal_endoftext, shard_tokens=args.shard_tokens,
-                  num_shards=args.num_shards, shard_index=args.shard_index)
+                  num_shards=args.num_shards, shard_index=args.shard_index,
+                  encoder_dir=model_dir)
     return 0

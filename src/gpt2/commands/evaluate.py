@@ -7,7 +7,7 @@
     gpt2 evaluate checkpoint/run1 --task lambada --data lambada_test.jsonl
     gpt2 download --dataset wikitext2 && gpt2 evaluate models/124M --task wikitext2
 
-Which tokens are scored, and how: :mod:`gpt2.evaluate`.
+Which tokens are scored, and how: :mod:`gpt2.perplexity`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from pathlib import Path
 
 import torch
 
-from ..cli import ArgumentParser, HelpFormatter
+from ..flags import ArgumentParser, HelpFormatter
 from ..data.dataset import load_dataset
 from ..data.splits import find_corpus_splits
 from ..errors import UserError
-from ..evaluate import evaluate, exp_or_inf
-from ..io.model_dir import check_model_dir, load_model
-from ..io.paths import find_model_dir
+from ..perplexity import evaluate, exp_or_inf
+from ..files.paths import find_model_dir
+from ..io.inference import load_for_inference
+from ..io.model_dir import check_model_dir
 from ..runtime import PRECISIONS, pick_device
 from ..sampling import sample_sequence
 from ..tasks import TASKS
 from ..tokenizer.files import encoder_fingerprint, load_encoder
-from .common import add_dtype_argument, with_dtype
+from .common import add_dtype_argument
 
 
 def _dataset_path(text: str) -> str | Path:
@@ -73,11 +74,8 @@ def build_parser() -> ArgumentParser:
                    help="text file, directory, glob, .npz or .bin; a corpus directory with a "
                         "test/ folder means that split (required unless --task)")
     p.add_argument("--task", choices=list(TASKS), default=None,
-                   help="a benchmark scored as its reference does (gpt2.tasks): hellaswag's "
-                        "acc and acc_norm as build-nanogpt's hellaswag.py; lambada's last-word "
-                        "acc and perplexity as lm-evaluation-harness's lambada_openai; "
-                        "wikitext2/103's word, byte and sliding-window token perplexity (the "
-                        "first two as the harness's wikitext)")
+                   help="a benchmark scored as its reference does (gpt2.tasks): " +
+                        "; ".join(t.about for t in TASKS.values()))
     p.add_argument("--data", default=None, metavar="PATH",
                    help="--task: the task's data file (hellaswag: rowanz's hellaswag_val.jsonl; "
                         "lambada: OpenAI's lambada_test.jsonl; wikitext2/103: the raw zip or its "
@@ -138,39 +136,33 @@ def _print_comparison(dirs, results, samples, prompts, seed: int) -> None:
 
 def _task(args) -> int:
     """--task: a benchmark's scores, printed as a table and written to --out."""
-    from ..io.atomic import write_json
-    from ..io.download import dataset_path
-    from ..tasks import score, sha256_of
+    from ..files.atomic import write_json
+    from ..tasks import sha256_of, task_file
 
-    if args.data is None:
-        args.data = dataset_path(args.task, args.data_dir)
-        if not args.data.is_file():
-            raise UserError(f"--task {args.task}: no {args.data}; run `gpt2 download --dataset "
-                            f"{args.task}` or give --data PATH")
-    wikitext = args.task.startswith("wikitext")
+    task = TASKS[args.task]
     for flag, value in (("dataset", args.dataset), ("compare", args.compare),
-                        ("n_ctx", args.n_ctx), ("stride", None if wikitext else args.stride)):
+                        ("n_ctx", args.n_ctx),
+                        ("stride", None if "stride" in task.options else args.stride)):
         if value is not None:
             raise UserError(f"--{flag} does not apply to --task (it scores the task's rows "
                             "as the reference does)")
     if args.precision != "fp32":
         raise UserError("--precision does not apply to --task; --dtype sets the weights' type")
+    data = task_file(args.task, args.data, args.data_dir)
     device = pick_device(args.device)
     model_dir = find_model_dir(args.model_dir)
     check_model_dir(model_dir)
-    rows = TASKS[args.task][0](args.data, args.limit)  # checked before the model is loaded
-    enc = load_encoder(model_dir)
-    model = with_dtype(load_model(model_dir, device=device), args.dtype)
-    options = {"stride": args.stride or max(model.config.n_ctx // 2, 1)} if wikitext else {}
-    result = score(args.task, model, enc, rows, batch_size=args.batch_size, **options)
-    result.update(**options, data=str(args.data), data_sha256=sha256_of(args.data),
-                  model=str(model_dir),
-                  dtype=args.dtype, limit=args.limit)
-    metrics = [k for k in ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity",
-                           "bits_per_byte", "token_perplexity") if k in result]
-    print("| task | examples | " + " | ".join(metrics) + " |\n|---|---|" + "---|" * len(metrics))
+    rows = task.read(data, args.limit)  # checked before the model is loaded
+    model, enc, _, _ = load_for_inference(model_dir, device, args.dtype)
+    options = {"stride": args.stride or max(model.config.n_ctx // 2, 1)} \
+        if "stride" in task.options else {}
+    result = task.score(model, enc, rows, batch_size=args.batch_size, **options)
+    result.update(**options, data=str(data), data_sha256=sha256_of(data),
+                  model=str(model_dir), dtype=args.dtype, limit=args.limit)
+    print("| task | examples | " + " | ".join(task.shown) + " |\n|---|---|" +
+          "---|" * len(task.shown))
     print(f"| {args.task} | {result['examples']} | " +
-          " | ".join(f"{result[k]:.4f}" for k in metrics) + " |")
+          " | ".join(f"{result[k]:.4f}" for k in task.shown) + " |")
     if args.out:
         write_json(args.out, result)
     return 0
@@ -220,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results, samples = [], []
     for d in dirs:
-        model = with_dtype(load_model(d, device=device), args.dtype)
+        model = load_for_inference(d, device, args.dtype).model
         try:
             results.append(evaluate(model, chunks, n_ctx=n_ctx, stride=args.stride,
                                     batch_size=args.batch_size, precision=args.precision))

@@ -14,12 +14,12 @@ complete; an existing one is replaced only with ``--force``.
 
 from __future__ import annotations
 
-from ..cli import ArgumentParser, HelpFormatter
+from ..flags import ArgumentParser, HelpFormatter
 from ..errors import UserError
-from ..io.atomic import publish_dir
+from ..files.atomic import publish_dir
 from ..io.hf import export_huggingface
 from ..io.model_dir import load_model
-from ..io.paths import expand, find_model_dir
+from ..files.paths import expand, find_model_dir
 from ..io.release import export_release
 
 FORMATS = {"huggingface": export_huggingface, "hf": export_huggingface, "release": export_release}
@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{out}: exists; pass --force to replace it")
         if out.is_dir():
             raise UserError(f"{out}: is a directory; GGUF is one file (model.gguf, say)")
-        out.parent.mkdir(parents=True, exist_ok=True)
         export_gguf(load_model(model_dir), out, encoder_dir=model_dir, outtype=args.outtype)
         print(f"wrote {out} (GGUF, llama.cpp's gpt2 architecture, {args.outtype})")
         return 0

@@ -24,39 +24,37 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli import ArgumentParser, HelpFormatter
+from ..flags import ArgumentParser, HelpFormatter
 from ..errors import UserError
-from ..io.atomic import atomic_write
-from ..io.paths import find_model_dir
+from ..files.atomic import atomic_write
+from ..data.records import field_text, file_kind, parse_json, records
+from ..io.inference import load_for_inference
 from ..sampling import generate_batch
-from .common import add_dtype_argument, check_sampling_flags, generator_for, load_for_sampling
+from .common import add_dtype_argument, check_sampling_flags, generator_for
 
 DELIMITER = "=" * 20
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from a file: JSON lines with a "prompt" field, or one prompt per line."""
+    """Prompts from a file: records with a "prompt" field (.jsonl, .json, .parquet, or lines
+    that are all JSON objects), or one prompt per line."""
     file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"--prompts {file}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompts {file}: not UTF-8 text ({e})") from None
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    if not numbered:
-        raise UserError(f"--prompts {file}: no prompts in the file")
-    if file.suffix != ".jsonl" and not all(line.lstrip().startswith("{") for _, line in numbered):
-        return [line for _, line in numbered]
-    prompts = []
-    for i, line in numbered:
+    if not file.is_file():
+        raise UserError(f"--prompts {file}: file not found")
+    if file_kind(file)[0] in ("jsonl", "json", "parquet"):
+        prompts = [field_text(r, "prompt", where) for r, where in records(file)]
+    else:
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--prompts {file}:{i}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise UserError(f'--prompts {file}:{i}: expected an object with a "prompt" string')
-        prompts.append(obj["prompt"])
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompts {file}: not UTF-8 text (byte {e.start})") from None
+        numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+        prompts = [line for _, line in numbered]
+        if numbered and all(line.lstrip().startswith("{") for _, line in numbered):
+            prompts = [field_text(parse_json(line, f"{file}:{i}"), "prompt", f"{file}:{i}")
+                       for i, line in numbered]
+    if not prompts:
+        raise UserError(f"--prompts {file}: no prompts in the file")
     return prompts
 
 
@@ -126,7 +124,7 @@ def build_parser() -> ArgumentParser:
 
 def read_chats(path: str) -> list[list[dict]]:
     """--chat --prompts FILE: the messages of each record (a .jsonl/.json/.parquet of chats)."""
-    from ..data.examples import parse_messages, records
+    from ..data.examples import parse_messages
 
     file = Path(path)
     if not file.is_file():
@@ -143,8 +141,7 @@ def _write_replies(write, model, enc, chats: list[list[dict]], length: int, args
     from ..conversation import prompt_ids, reply
     from ..tokenizer.chat import ChatTemplate
 
-    template = ChatTemplate.from_file(args.chat_template) if args.chat_template else \
-        ChatTemplate.load(settings["model"])
+    template = ChatTemplate.for_model(settings["model"], args.chat_template)
     jsonl = args.out is not None and Path(args.out).suffix == ".jsonl"
     for messages in chats:
         ids, dropped = prompt_ids(template, enc, messages, model.config.n_ctx, length)
@@ -202,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name")
 
-    model_dir = find_model_dir(args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device, args.dtype)
+    model, enc, device, model_dir = load_for_inference(args.model_dir, args.device, args.dtype)
     if enc.eot_token is None and not all(prompts):
         raise UserError(f"{model_dir}: the tokenizer has no <|endoftext|> token to start "
                         "unconditional samples from; give --prompt or --prompts")

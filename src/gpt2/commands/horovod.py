@@ -7,14 +7,14 @@ hvd.DistributedOptimizer averaging once per ``--accumulate_gradients`` micro-bat
 0's weights and optimizer state broadcast at start. That path is untested here (Horovod 0.28.1
 does not build against current PyTorch). Without Horovod, the same run goes through
 torch.distributed, whose process group is set up from the MPI launcher's environment
-(``OMPI_COMM_WORLD_*``, ``PMI_*`` or Slurm's) by gpt2.train.distributed.init.
+(``OMPI_COMM_WORLD_*``, ``PMI_*`` or Slurm's) by gpt2.training.distributed.init.
 """
 
 from __future__ import annotations
 
-from ..train import distributed
-from ..train.config import parse_config
-from ..train.loop import train
+from ..training import distributed
+from ..training.config import parse_config
+from ..training.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:

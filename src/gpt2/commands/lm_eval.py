@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..cli import ArgumentParser, HelpFormatter
+from ..flags import ArgumentParser, HelpFormatter
 from ..errors import UserError
 from .common import add_dtype_argument
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if "groups" in results:  # aggregates (e.g. MMLU's overall score), as the harness prints
         print(make_table(results, "groups"))
     if args.out:
-        from ..io.atomic import write_json
+        from ..files.atomic import write_json
 
         keep = {k: results[k] for k in ("results", "groups", "versions", "n-shot",
                                         "higher_is_better", "n-samples", "configs")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..io.model_dir import load_model, save_model
-from ..io.paths import find_model_dir
+from ..files.paths import find_model_dir
 from ..lora import ADAPTER_WEIGHTS, load_lora, merge_lora, read_lora_config
 
 

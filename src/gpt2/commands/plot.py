@@ -21,11 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..errors import UserError
-from ..io.atomic import atomic_write
+from ..files.atomic import atomic_write
 
-METRICS = "metrics.jsonl"  # gpt2.train.run_dir.METRICS_FILE
+METRICS = "metrics.jsonl"  # gpt2.training.run_dir.METRICS_FILE
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

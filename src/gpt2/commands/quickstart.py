@@ -22,9 +22,9 @@ import shutil
 import time
 from pathlib import Path
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..errors import UserError
-from ..io.atomic import write_text
+from ..files.atomic import write_text
 
 MODEL = {"n_ctx": 128, "n_embd": 128, "n_head": 4, "n_layer": 4}
 
@@ -125,11 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[4/4] Sampling from {run_dir} (a model directory: gpt2.load_model reads it)")
     import torch
 
-    from ..io.model_dir import load_model
+    from ..io.inference import load_for_inference
     from ..sampling import sample_sequence
-    from ..tokenizer.files import load_encoder
 
-    model, enc = load_model(run_dir), load_encoder(run_dir)
+    model, enc, _, _ = load_for_inference(run_dir, "cpu")
     context = torch.tensor([[enc.eot_token]])
     tokens = sample_sequence(model, 120, context, temperature=0.8, top_k=40, seed=args.seed)
     print("=" * 40 + " SAMPLE " + "=" * 40)

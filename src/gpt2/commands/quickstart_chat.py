@@ -20,7 +20,7 @@ import random
 import time
 from pathlib import Path
 
-from ..io.atomic import write_text
+from ..files.atomic import write_text
 
 MODEL = {"n_ctx": 64, "n_embd": 128, "n_head": 4, "n_layer": 4}
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -64,12 +64,12 @@ def accuracy(run_dir: Path, words: list[str]) -> tuple[float, list[tuple[str, st
     Prompts of one length are decoded together (greedy: batching changes no reply)."""
     import torch
 
-    from ..io.model_dir import load_model
+    from ..io.inference import load_for_inference
     from ..sampling import decode
     from ..tokenizer.chat import ChatTemplate
-    from ..tokenizer.files import load_encoder
 
-    model, enc, template = load_model(run_dir), load_encoder(run_dir), ChatTemplate.load(run_dir)
+    model, enc, _, _ = load_for_inference(run_dir, "cpu")
+    template = ChatTemplate.for_model(run_dir)
     prompts = {w: template.encode(chat(w)["messages"][:1], enc, add_generation_prompt=True)[0]
                for w in words}
     replies: dict[str, str] = {}

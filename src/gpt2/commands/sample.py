@@ -18,11 +18,12 @@ import sys
 
 import torch
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..errors import UserError
-from ..io.paths import resolve_model_dir
+from ..files.paths import resolve_model_dir
 from ..sampling import sample_sequence
-from .common import add_dtype_argument, check_sampling_flags, generator_for, load_for_sampling
+from ..io.inference import load_for_inference
+from .common import add_dtype_argument, check_sampling_flags, generator_for
 
 PROMPT = "Model prompt >>> "
 
@@ -81,7 +82,7 @@ def _load(args: argparse.Namespace):
     """(model, encoder, generator) for the parsed flags."""
     model_dir = resolve_model_dir(args.model_name, models_dir=args.models_dir,
                                   model_dir=args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device, args.dtype)
+    model, enc, device, _ = load_for_inference(model_dir, args.device, args.dtype)
     return model, enc, generator_for(device, args.seed)
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import sys
 
-from ..cli import ArgumentParser, HelpFormatter
+from ..flags import ArgumentParser, HelpFormatter
 from ..errors import Terminated, UserError
-from ..io.paths import expand, find_model_dir
+from ..files.paths import expand
+from ..io.inference import load_for_inference
 from ..runtime import return_large_frees
-from .common import add_dtype_argument, load_for_sampling
+from .common import add_dtype_argument
 
 
 def build_parser() -> ArgumentParser:
@@ -63,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                         "install 'gpt2[serve]'") from None
     from ..serve.engine import Engine
 
-    model_dir = find_model_dir(args.model_dir)
-    model, enc, device = load_for_sampling(model_dir, args.device, args.precision)
-    model = model.eval()
+    model, enc, device, model_dir = load_for_inference(args.model_dir, args.device,
+                                                       args.precision)
     if device.type == "cpu":
         return_large_frees()  # the KV caches change size at every join: keep RSS flat
     if enc.eot_token is None:
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_name or (given.resolve() if given.is_dir() else model_dir).name
     from ..tokenizer.chat import ChatTemplate
 
-    template = ChatTemplate.from_file(args.chat_template) if args.chat_template else \
-        ChatTemplate.load(model_dir)
-    template.compiled  # a broken template: one line before the server starts
+    template = ChatTemplate.for_model(model_dir, args.chat_template)
     engine = Engine(model, enc, max_batch=args.max_batch, max_queue=args.max_queue)
     engine.start()
     app = build_app(engine, enc, name, api_key=args.api_key or os.environ.get("GPT2_API_KEY"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..tokenizer.train import train_tokenizer
 
 

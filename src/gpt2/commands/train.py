@@ -3,13 +3,13 @@
     PYTHONPATH=src ./train.py --dataset my.txt --model_name 124M --max_steps 1000
     gpt2 train --config run.yaml --learning_rate 1e-4
 
-Every flag is declared once, in :mod:`gpt2.train.config`; the loop is :mod:`gpt2.train.loop`.
+Every flag is declared once, in :mod:`gpt2.training.config`; the loop is :mod:`gpt2.training.loop`.
 """
 
 from __future__ import annotations
 
-from ..train.config import parse_config
-from ..train.loop import train
+from ..training.config import parse_config
+from ..training.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,16 +24,15 @@ naming its file and line; so is a dataset mixing formats.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from ..errors import UserError
-from .sources import expand_paths, file_kind, open_stream, parquet_file
+from .records import describe, field_text, file_kind, records
+from .sources import expand_paths
 
 FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt")
 IGNORE = -100
@@ -74,36 +73,6 @@ class Example:
 
 # --- reading records -------------------------------------------------------------------------
 
-def records(path: Path) -> Iterator[tuple[dict, str]]:
-    """(record, "file:line") for each record of a .jsonl (compressed too), .json or .parquet."""
-    kind, compression = file_kind(path)
-    if kind == "parquet":
-        table = parquet_file(path).read()
-        for i, row in enumerate(table.to_pylist(), 1):
-            yield row, f"{path}: row {i}"
-    elif path.suffix.lower() == ".json" and compression is None:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a JSON file ({e})") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: a .json dataset must be a list of records")
-        for i, record in enumerate(data, 1):
-            yield record, f"{path}: record {i}"
-    elif kind == "jsonl":
-        stream, raw = open_stream(path, compression)
-        with raw, stream:
-            for i, line in enumerate(stream, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), f"{path}:{i}"
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise UserError(f"{path}:{i}: not a JSON record ({e})") from None
-    else:
-        raise UserError(f"{path}: examples come in .jsonl, .json or .parquet files")
-
-
 def detect(record, where: str) -> str | None:
     """The format a record's fields name; None for anything else (raw text)."""
     if not isinstance(record, dict):
@@ -133,17 +102,6 @@ def dataset_format(path: str | os.PathLike, named: str = "auto") -> str:
 
 # --- records -> messages or prompt/completion -------------------------------------------------
 
-def _text(record: dict, field: str, where: str, optional: bool = False) -> str:
-    value = record.get(field)
-    if value is None and optional:
-        return ""
-    if field not in record:
-        raise UserError(f'{where}: the record has no "{field}" field')
-    if not isinstance(value, str):
-        raise UserError(f'{where}: "{field}" is {type(value).__name__}, not a string')
-    return value
-
-
 def parse_messages(items, where: str, field: str, role_key: str = "role",
                    content_key: str = "content", roles: dict | None = None) -> list[dict]:
     """A list of chat messages, checked (roles, text), as ``{"role", "content"}`` dicts."""
@@ -153,11 +111,12 @@ def parse_messages(items, where: str, field: str, role_key: str = "role",
     for n, m in enumerate(items, 1):
         if not isinstance(m, dict):
             raise UserError(f'{where}: message {n} of "{field}" is not an object')
-        role, content = m.get(role_key), m.get(content_key)
-        role = (roles or {r: r for r in ("system", "user", "assistant")}).get(role)
+        given, content = m.get(role_key), m.get(content_key)
+        known = roles or {r: r for r in ("system", "user", "assistant")}
+        role = known.get(given) if isinstance(given, str) else None
         if role is None:
-            raise UserError(f"{where}: message {n} has role {m.get(role_key)!r}; expected one of "
-                            f"{', '.join(map(repr, roles or ('system', 'user', 'assistant')))}")
+            raise UserError(f"{where}: message {n} has role {describe(given)}; expected one of "
+                            f"{', '.join(map(repr, known))}")
         if not isinstance(content, str):
             raise UserError(f'{where}: message {n} has no text "{content_key}"')
         out.append({"role": role, "content": content})
@@ -172,16 +131,16 @@ def _as_chat_or_pair(record: dict, fmt: str, where: str):
         return parse_messages(record.get("conversations"), where, "conversations", "from",
                               "value", _SHAREGPT_ROLES)
     if fmt == "alpaca":
-        instruction, extra = _text(record, "instruction", where), \
-            _text(record, "input", where, optional=True)
+        instruction, extra = field_text(record, "instruction", where), \
+            field_text(record, "input", where, optional=True)
         prompt = ALPACA_INPUT.format(instruction=instruction, input=extra) if extra else \
             ALPACA.format(instruction=instruction)
-        return prompt, _text(record, "output", where)
+        return prompt, field_text(record, "output", where)
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational form
         return parse_messages(prompt, where, "prompt") + \
             parse_messages(completion, where, "completion")
-    return _text(record, "prompt", where), _text(record, "completion", where)
+    return field_text(record, "prompt", where), field_text(record, "completion", where)
 
 
 # --- -> tokens ----------------------------------------------------------------------------------

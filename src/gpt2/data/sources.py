@@ -21,27 +21,21 @@ taught its users to join them), unless ``ReadOptions.split_eot`` is off.
 
 from __future__ import annotations
 
-import bz2
 import codecs
-import contextlib
 import csv
 import glob
-import gzip
 import io
-import json
-import lzma
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from ..errors import UserError
+from .records import (READ_BYTES, field_text, file_kind, open_stream, parquet_file, parse_json,
+                      reading)
 from .tokens import INDEX_SUFFIX
 
-READ_BYTES = 1 << 20              # text is read 1 MiB at a time
 PRE_ENCODED = (".npz", ".bin")
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 EOT = "<|endoftext|>"
 
 # (text, bytes of the file consumed, whether a document ends after this text)
@@ -101,66 +95,7 @@ def expand_paths(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def file_kind(path: Path) -> tuple[str, str | None]:
-    """(kind, compression): kind is text, jsonl, csv, parquet, npz or bin."""
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
-    base = suffixes[-1] if suffixes else ""
-    kinds = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".npz": "npz", ".bin": "bin"}
-    kind = kinds.get(base, "text")
-    if compression and kind in ("parquet", "npz", "bin"):
-        raise UserError(f"{path}: {base} files are read as they are, not {compression}-compressed"
-                        f"; decompress it first")
-    return kind, compression
-
-
 # ----------------------------------------------------------------------------- opening files
-
-def _corrupt_errors() -> tuple[type[BaseException], ...]:
-    """What the decompressors raise on a damaged or truncated stream."""
-    errors = (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
-    try:
-        import zstandard
-    except ImportError:
-        return errors
-    return errors + (zstandard.ZstdError,)
-
-
-@contextlib.contextmanager
-def _reading(path: Path, compression: str | None) -> Iterator[None]:
-    """A corrupt or unreadable file becomes one line naming it."""
-    try:
-        yield
-    except UserError:
-        raise
-    except _corrupt_errors() as e:
-        raise UserError(f"{path}: not a valid {compression or 'text'} file ({e or 'truncated'})"
-                        ) from None
-    except OSError as e:
-        what = f"a {compression} file" if compression else "it"
-        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-
-
-def open_stream(path: Path, compression: str | None) -> tuple[BinaryIO, BinaryIO]:
-    """(the decompressed byte stream, the raw file whose ``tell()`` says how far we read)."""
-    raw = open(path, "rb")
-    if compression is None:
-        return raw, raw
-    if compression == ".gz":
-        return gzip.GzipFile(fileobj=raw), raw
-    if compression == ".bz2":
-        return bz2.BZ2File(raw), raw
-    if compression == ".xz":
-        return lzma.LZMAFile(raw), raw
-    try:
-        import zstandard
-    except ImportError:
-        raw.close()
-        raise UserError(f"{path}: reading .zst needs the zstandard package: pip install "
-                        "zstandard") from None
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    return io.BufferedReader(reader, READ_BYTES), raw
-
 
 # ----------------------------------------------------------------------------- reading segments
 
@@ -176,7 +111,7 @@ def _text_segments(part: Part, opts: ReadOptions, compression: str | None) -> It
     decoder = _decoder(opts.encoding)
     offset, pending_cr, done = 0, "", 0
     stream, raw = open_stream(part.path, compression)
-    with raw, stream, _reading(part.path, compression):
+    with raw, stream, reading(part.path, compression):
         while True:
             data = stream.read(READ_BYTES)
             try:
@@ -200,23 +135,10 @@ def _text_segments(part: Part, opts: ReadOptions, compression: str | None) -> It
                 return
 
 
-def _record_text(record, field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: a .jsonl record must be a JSON object")
-    if field not in record:
-        fields = ", ".join(f'"{k}"' for k in list(record)[:8]) or "none"
-        raise UserError(f'{where}: the record has no "{field}" field (--text_field picks '
-                        f"another; it has {fields})")
-    if not isinstance(record[field], str):
-        raise UserError(f'{where}: its "{field}" field is {type(record[field]).__name__}, not '
-                        "a string")
-    return record[field]
-
-
 def _jsonl_segments(part: Part, opts: ReadOptions, compression: str | None
                     ) -> Iterator[Segment]:
     stream, raw = open_stream(part.path, compression)
-    with raw, stream, _reading(part.path, compression):
+    with raw, stream, reading(part.path, compression):
         lineno, done = 0, 0
         if part.start:  # a record that began before our range belongs to the previous part
             raw.seek(part.start - 1)
@@ -233,13 +155,8 @@ def _jsonl_segments(part: Part, opts: ReadOptions, compression: str | None
                 line = data.decode(opts.encoding)
             except UnicodeDecodeError:
                 raise UserError(f"{where}: not valid {opts.encoding} (--encoding)") from None
-            text = ""
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not a JSON record ({e.msg})") from None
-                text = _record_text(record, opts.text_field, where)
+            text = field_text(parse_json(line, where), opts.text_field, where,
+                              hint=" (--text_field picks another)") if line.strip() else ""
             pos = raw.tell()
             yield text, pos - done, True
             done = pos
@@ -248,7 +165,7 @@ def _jsonl_segments(part: Part, opts: ReadOptions, compression: str | None
 def _csv_segments(part: Part, opts: ReadOptions, compression: str | None) -> Iterator[Segment]:
     csv.field_size_limit(2**31 - 1)  # a document is one field: lift the 128K default
     stream, raw = open_stream(part.path, compression)
-    with raw, stream, _reading(part.path, compression):
+    with raw, stream, reading(part.path, compression):
         text = io.TextIOWrapper(stream, encoding=opts.encoding, newline="")
         try:
             rows = csv.reader(text)
@@ -263,20 +180,6 @@ def _csv_segments(part: Part, opts: ReadOptions, compression: str | None) -> Ite
             raise UserError(f"{part.path}: not valid {opts.encoding} (--encoding)") from None
         except csv.Error as e:
             raise UserError(f"{part.path}: not a valid CSV file ({e})") from None
-
-
-def parquet_file(path: Path):
-    """pyarrow's ParquetFile, or one line saying what is missing or wrong."""
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading parquet needs pyarrow: pip install 'gpt2[parquet]'"
-                        ) from None
-    try:
-        return pq.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _parquet_segments(part: Part, opts: ReadOptions) -> Iterator[Segment]:

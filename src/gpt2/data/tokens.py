@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..io.atomic import atomic_write
+from ..files.atomic import atomic_write
 
 INDEX_SUFFIX = ".json"            # the index of X.bin is X.bin.json
 FORMAT = "gpt2-tokens"

@@ -1,9 +1,9 @@
 """Writing token files: one ``.bin``, or a directory of shards, each with its own index.
 
     index = encode_to_bin(expand_paths("data/"), "corpus.bin", encoder, combine=50000)
-    encode_corpus("data/", "corpus.npz", "models/124M")                   # what encode.py does
-    encode_corpus("pile/", "shards/", "models/124M", shard_tokens=10**8)  # ~1e8-token shards
-    encode_corpus("pile/", "shards/", "models/124M", num_shards=64, shard_index=7)  # part 7/64
+    encode_corpus("data/", "corpus.npz", enc)                   # what encode.py does
+    encode_corpus("pile/", "shards/", enc, shard_tokens=10**8)  # ~1e8-token shards
+    encode_corpus("pile/", "shards/", enc, num_shards=64, shard_index=7)  # part 7 of 64
 
 A ``.bin`` holds every document's ids, consecutive documents separated by the end-of-text id,
 and its index lists the chunks (``combine``: documents are gathered into one chunk until it
@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..io.atomic import (is_no_space, is_temp_name, no_space_message, publish, temp_name,
+from ..files.atomic import (WriteError, is_temp_name, publish, temp_name, write_error,
                          write_text)
 from .encode import Task, default_workers, encoded, encoder_key
 from .sources import EOT, Part, ReadOptions, Source, expand_paths, split_into_parts
@@ -211,12 +211,13 @@ def encode_parts(parts: list[Part], out: Path, encoder, combine: int = 50000,
         outputs.finish()
     except BaseException as e:
         outputs.abort()
-        if is_no_space(e):
-            raise UserError(no_space_message(outputs.path(len(outputs.indexes)),
-                                             outputs.needed(total))) from None
+        error = write_error(e, outputs.path(len(outputs.indexes)), outputs.needed(total))
+        if error is not None:
+            raise error from None
         raise
     if not outputs.indexes:
-        what = str(label or out)
+        what = str(sources[0]) if len(sources) == 1 else \
+            f"{len(sources)} input files ({sources[0]}, ...)" if sources else str(label or out)
         raise UserError(f"{what}: no text to encode (all input files are empty)")
     return outputs.indexes
 
@@ -280,24 +281,24 @@ def _remove_old_shards(outdir: Path, prefix: str, keep: int) -> None:
             index_path(p).unlink(missing_ok=True)
 
 
-def encode_corpus(in_text: str, out: str | os.PathLike, model_dir: str | os.PathLike,
-                  combine: int = 50000, encoding: str = "utf-8", workers: int | None = None,
-                  force: bool = False, quiet: bool = False, text_field: str = "text",
-                  split_eot: bool = True, shard_tokens: int | None = None,
-                  num_shards: int = 1, shard_index: int = 0) -> list[dict]:
-    """What encode.py does: ``in_text`` into ``out`` with ``model_dir``'s encoder.
+def encode_corpus(in_text: str, out: str | os.PathLike, encoder, combine: int = 50000,
+                  encoding: str = "utf-8", workers: int | None = None, force: bool = False,
+                  quiet: bool = False, text_field: str = "text", split_eot: bool = True,
+                  shard_tokens: int | None = None, num_shards: int = 1, shard_index: int = 0,
+                  encoder_dir: str | os.PathLike | None = None) -> list[dict]:
+    """What encode.py does: ``in_text`` into ``out`` with ``encoder`` (a model directory's,
+    from ``gpt2.tokenizer.load_encoder(encoder_dir)``; ``encoder_dir`` is recorded in the
+    index).
 
     ``out`` ending in ``.npz`` or ``.bin`` is one file; a directory (an existing one, or a path
     ending in ``/``) gets shards. Returns the indexes written (none when up to date).
     """
-    from ..tokenizer.files import encoder_fingerprint, load_encoder
-
     shards = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
     out = Path(out)
     _check_corpus_args(out, shards, combine, workers, shard_tokens, num_shards, shard_index)
     opts = ReadOptions(encoding, text_field, split_eot)
     paths = _inputs(in_text, out)
-    fingerprint = encoder_fingerprint(model_dir)
+    fingerprint = encoder_key(encoder)
     say = (lambda *a: None) if quiet else print
     if not shards and out.suffix == ".bin" and not force and is_up_to_date(
             out, paths, fingerprint, combine, opts):
@@ -307,10 +308,9 @@ def encode_corpus(in_text: str, out: str | os.PathLike, model_dir: str | os.Path
     if not parts:
         say(f"part {shard_index} of {num_shards} holds no input (more parts than data)")
         return []
-    encoder = load_encoder(model_dir)
     say(f"Reading {len(parts)} file{'s' * (len(parts) != 1)}"
         + (f" (part {shard_index} of {num_shards})" if num_shards > 1 else ""))
-    extra = {"encoder_dir": str(Path(model_dir).resolve())}
+    extra = {"encoder_dir": str(Path(encoder_dir).resolve())} if encoder_dir is not None else {}
     if num_shards > 1:
         extra["part"] = {"index": shard_index, "of": num_shards}
     if shards:
@@ -356,6 +356,8 @@ def _encode_one_file(parts: list[Part], out: Path, encoder, combine: int, opts: 
         if out.suffix == ".npz":
             say(f"Writing {out}")
             write_npz(load_bin(target), out)
+    except WriteError as e:  # (the .npz's temporary .bin is not what the user asked for)
+        raise write_error(e, out) from None
     finally:
         if out.suffix == ".npz":
             for p in (target, index_path(target)):

@@ -1,5 +1,8 @@
-"""Files in and out: model directories of every layout, atomic writes, downloads.
+"""Model formats, above the model and the tokenizers: model directories of every layout (ours,
+Hugging Face's, OpenAI's release), the exports other engines run (GGUF, ONNX), and the one way
+to load a model for inference.
 
     from gpt2.io.model_dir import load_model, save_model
-    from gpt2.io.atomic import atomic_write
+    from gpt2.io.inference import load_for_inference
+    from gpt2.io.hf import export_huggingface
 """

@@ -26,8 +26,7 @@ import torch
 from .. import __version__
 from ..errors import UserError
 from ..tokenizer.bpe import EOT
-from .atomic import atomic_write
-from .paths import follow_run_dir
+from ..files.atomic import atomic_write
 from .tensors import unwrap, weights_of
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -112,11 +111,12 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, encoder_dir: str
     gguf = require_gguf()
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
-    from ..tokenizer.chat import TEMPLATE_FILE
+    from ..tokenizer.chat import ChatTemplate
     from ..tokenizer.files import load_encoder
 
     config = unwrap(model).config
     encoder = load_encoder(encoder_dir)
+    template = ChatTemplate.saved(encoder_dir)
     out = Path(out)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
@@ -142,10 +142,8 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, encoder_dir: str
         if outtype == "q8_0":
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _tokenizer(gguf, w, encoder, config.n_vocab, str(encoder_dir))
-        template = follow_run_dir(Path(encoder_dir)) / TEMPLATE_FILE
-        if template.is_file():
-            source = template.read_text(encoding="utf-8")
-            w.add_chat_template(re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", source))
+        if template is not None:
+            w.add_chat_template(template.unmarked_source)
         for ours, t in weights_of(model).items():
             gname = gguf_name(ours)
             data = t.float().numpy()

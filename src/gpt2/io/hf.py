@@ -25,8 +25,8 @@ from ..errors import UserError
 from ..model import GPTConfig
 from ..tokenizer.bpe import EOT
 from ..tokenizer.files import bpe_files
-from .atomic import atomic_write, copy_file, write_json
-from .paths import HF_INDEX, WEIGHTS
+from ..files.atomic import atomic_write, copy_file, write_json
+from ..files.paths import HF_INDEX, WEIGHTS
 from .tensors import (config_from, load_safetensors, read_json, safetensors_shapes, unwrap,
                       weights_of)
 

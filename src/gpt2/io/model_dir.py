@@ -30,9 +30,9 @@ from ..errors import UserError
 from ..model import GPT, GPTConfig
 from ..runtime import parse_dtype
 from ..tokenizer.files import copy_encoder_files
-from .atomic import atomic_write, write_text
+from ..files.atomic import atomic_write, write_text
 from .hf import hf_config, hf_shapes, hf_tensors
-from .paths import (HF_CONFIG, HPARAMS, WEIGHTS, detect_format, expand, find_model_dir,
+from ..files.paths import (HF_CONFIG, HPARAMS, WEIGHTS, detect_format, expand, find_model_dir,
                     follow_run_dir)
 from .tensors import (check_shapes, config_from, load_safetensors, read_json, safetensors_shapes,
                       unwrap, weights_of)

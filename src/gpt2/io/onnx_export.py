@@ -61,25 +61,19 @@ def _quiet(name: str):
 
 
 class CachedDecoder(torch.nn.Module):
-    """GPT with Optimum's decoder signature: explicit positions, a 0/1 attention mask over the
-    cache and the new tokens, and the cache as flat tensors in and out."""
+    """GPT with Optimum's decoder signature, around the model's own forward: explicit
+    positions, a 0/1 attention mask over the cache and the new tokens (0: left padding), and
+    the cache as flat tensors in and out."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = unwrap(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        m = self.model
-        T, P = input_ids.size(1), past[0].size(2)
-        causal = torch.ones(T, P + T, dtype=torch.bool, device=input_ids.device).tril(P)
-        # Left padding is masked out; a padding position still sees itself (no empty row).
-        mask = (attention_mask.bool()[:, None, None, :] & causal) | causal.triu(P)
-        x = m.wte(input_ids) + m.wpe(position_ids)
-        presents = []
-        for i, block in enumerate(m.h):
-            x, (k, v) = block(x, (past[2 * i], past[2 * i + 1]), mask)
-            presents += [k, v]
-        return (m.lm_head(m.ln_f(x)), *presents)
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        logits, present = self.model(input_ids, past=pairs, use_cache=True,
+                                     key_mask=attention_mask.bool(), positions=position_ids)
+        return (logits, *(t for pair in present for t in pair))
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -127,7 +121,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike,
     require_onnx()
     from ..tokenizer.bpe import Encoder
     from ..tokenizer.files import load_encoder
-    from .atomic import write_json
+    from ..files.atomic import write_json
     from .hf import export_huggingface
 
     out = Path(out_dir)

@@ -23,10 +23,10 @@ import torch
 
 from ..errors import UserError
 from ..tokenizer.files import bpe_files
-from .atomic import copy_file, write_json
+from ..files.atomic import copy_file, write_json
 from .hf import warn_no_tokenizer
 from .tensors import unwrap, weights_of
-from .tf_checkpoint import list_tf_checkpoint, read_tf_checkpoint, write_tf_checkpoint
+from ..files.tf_checkpoint import list_tf_checkpoint, read_tf_checkpoint, write_tf_checkpoint
 
 
 def release_target(name: str) -> tuple[str, bool]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..conversation import ContextTooLong, prompt_ids
+from ..errors import UserError
 from .engine import Params
 
 MAX_N = 128
@@ -223,14 +225,19 @@ def parse_chat(body, model_name: str, n_ctx: int, encoder, template) -> Completi
         "messages", "logprobs", "top_logprobs", "max_completion_tokens", "max_tokens", "tools",
         "tool_choice", "functions", "function_call", "response_format", "audio", "prediction",
         "modalities", "store", "metadata", "parallel_tool_calls", "service_tier")}
-    legacy["max_tokens"] = given if given is not None else min(n_ctx, 256)
+    if given is not None:
+        given = _number({"max_tokens": given}, "max_tokens", None, 0, n_ctx, integer=True)
     if body.get("logprobs"):
         legacy["logprobs"] = top or 0
-    try:
-        ids, _ = template.encode(messages, encoder, add_generation_prompt=True)
-    except Exception as e:  # the template refused the conversation (raise_exception, ...)
+    try:  # a long conversation loses its oldest turns, as in gpt2 chat
+        ids, _ = prompt_ids(template, encoder, messages, n_ctx, max(given or 0, 1))
+    except ContextTooLong as e:
+        raise ApiError(400, str(e), "max_tokens", code="context_length_exceeded") from None
+    except UserError as e:  # the template refused the conversation (raise_exception, a bound)
         raise ApiError(400, f"the chat template cannot render these messages: {e}",
                        "messages") from None
+    # Without max_tokens a reply may take what the context has left (at most 256 tokens).
+    legacy["max_tokens"] = given if given is not None else min(256, n_ctx + 1 - len(ids))
     legacy["prompt"] = ids
     req = parse_completion(legacy, model_name, n_ctx, encoder)
     req.prompt_texts = [encoder.decode(ids)]

@@ -49,6 +49,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply") from None
 
 
 class _Stream:
@@ -83,7 +85,8 @@ class Completions:
     async def handle(self, request: Request):
         try:
             body = await read_json(request, self.max_body)
-            req = self.parse(body)
+            # (off the event loop: a chat template may take its time limit to render)
+            req = await asyncio.to_thread(self.parse, body)
             streams = self._start(req)
         except ApiError as e:
             return error_response(e)

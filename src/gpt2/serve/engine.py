@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..kernels import decode_kernels
-from ..sampling import Decoder, next_token
+from ..sampling import Decoder, StopStrings, next_token
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Choice:
     def __init__(self, prompt: list[int], params: Params, sink: Callable,
                  generator: torch.Generator | None = None):
         self.prompt, self.params, self.sink = prompt, params, sink
+        self.stops = StopStrings(params.stop)
         self.generator = generator
         self.ids: list[int] = []
         self.cancelled = False
@@ -163,14 +164,14 @@ class Engine:
         else:
             choice.ids.append(token)
         text = self.enc.decode(choice.ids)
-        cut = _first_stop(text, p.stop, choice.sent)
+        cut = choice.stops.first(text, choice.sent)
         if cut is not None:
             text, choice.finished = text[:cut], "stop"
         elif choice.finished is None and (len(choice.ids) >= p.max_tokens
                                           or len(choice.prompt) + len(choice.ids) > self.n_ctx):
             choice.finished = "length"
         if choice.finished is None:
-            text = text[:_safe_end(text, p.stop)]  # hold back a half character or a stop's start
+            text = text[:choice.stops.safe_end(text)]  # hold back a half character or a stop's start
         delta = text[choice.sent:]
         choice.sent = len(text)
         entry = self._entry(logits, token, p.logprobs) if token != self.eot else None
@@ -203,24 +204,3 @@ class Engine:
         else:
             self.decoder.join(decoder)
         self.rows.append(choice)
-
-
-def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
-    """Where the earliest stop string starts in ``text`` (searching only where a new one can
-    be: from a stop's length before what was already sent), or None."""
-    hits = [i for s in stops if s for i in [text.find(s, max(0, sent - len(s)))] if i >= 0]
-    return min(hits) if hits else None
-
-
-def _safe_end(text: str, stops: list[str]) -> int:
-    """How much of ``text`` can be sent: not a trailing replacement character (half of a
-    character whose other bytes are still to come), nor the start of a stop string."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:k]):
-                end -= k
-                break
-    return end

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..io.atomic import copy_file
-from ..io.paths import follow_run_dir, resolve_model_dir
+from ..files.atomic import copy_file
+from ..files.paths import follow_run_dir, resolve_model_dir
 from .bpe import Encoder, check_merges, read_merges, read_vocab_json
 from .sentencepiece import SentencePieceEncoder
 

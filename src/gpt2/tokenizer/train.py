@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..data.encode import PIECE_CHARS, pieces
 from ..data.sources import PRE_ENCODED, ReadOptions, documents, expand_paths
 from ..errors import UserError
-from ..io.atomic import write_bytes, write_text
+from ..files.atomic import write_bytes, write_text
 from .bpe import EOT, bytes_to_unicode, gpt2_byte_order
 
 

@@ -1,6 +1,6 @@
 """The training loop: fine-tune a GPT-2 or train one from scratch, resumable to the bit.
 
-    from gpt2.train import TrainConfig, train
+    from gpt2.training import TrainConfig, train
     train(TrainConfig(dataset="my.txt", model_name="124M", max_steps=1000))
 
 :meth:`Trainer.setup` builds the run from parts, each built (and tested) on its own:
@@ -40,7 +40,7 @@ from ..runtime import autocast, is_out_of_memory, pick_device
 from ..tokenizer.chat import TEMPLATE_FILE, ChatTemplate
 from ..tokenizer.files import load_encoder
 from . import distributed, optim
-from .batches import ExampleBatches, load_batches
+from .batches import load_batches
 from .build import build_training_model, lora_checkpoint, out_of_memory_message
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -132,14 +132,61 @@ class Progress:
         return self.elapsed + (time.time() - self.started)
 
     def count(self, loss: float, tokens: int) -> float:
-        """One more update: the moving average of the loss after it."""
-        self.step += 1
+        """An update's loss (its step already counted): the moving average after it."""
         self.tokens += tokens
         self.avg = [self.avg[0] * 0.99 + loss, self.avg[1] * 0.99 + 1.0]
         return self.avg[0] / self.avg[1]
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.now(), "avg": self.avg}
+
+
+class Unsettled:
+    """Steps whose loss is still a tensor on the device, read all at once when the loop next
+    needs numbers (a line to print, validation, samples, a save, a stop, the end): reading a
+    number waits for the device, and a GPU that waits after every step idles while the next
+    one is launched (nanoGPT reads only when it logs). A step whose loss was not finite did
+    not change the weights (:meth:`~.optim.Optimization.finish_update`); it is reported here,
+    and ten in a row stop the run."""
+
+    def __init__(self, progress: Progress, tokens_per_update: int, print_every: int,
+                 log: Callable[[str], None]):
+        self.progress, self.tokens, self.print_every, self.log = \
+            progress, tokens_per_update, print_every, log
+        self.steps: list[tuple[int, torch.Tensor, float, float, float]] = []
+        self.nonfinite = 0
+
+    def add(self, loss: torch.Tensor, lr: float, started: float) -> None:
+        """The step just taken (``progress.step``), ``loss`` a 0-d tensor on the device."""
+        self.steps.append((self.progress.step, loss.detach(), lr, started, time.time()))
+
+    def settle(self) -> list[dict]:
+        """The metrics records of the steps since the last call whose loss was finite."""
+        if not self.steps:
+            return []
+        losses = torch.stack([loss.float() for _, loss, *_ in self.steps]).tolist()  # one wait
+        first, last = self.steps[0][3], self.steps[-1][4]
+        pace = self.tokens * len(self.steps) / max(last - first, 1e-9)
+        records = []
+        for (step, _, lr, started, ended), loss in zip(self.steps, losses):
+            if not math.isfinite(loss):
+                self.nonfinite += 1
+                self.log(f"warning: non-finite loss at step {step}; its update was skipped")
+                if self.nonfinite >= MAX_NONFINITE:
+                    raise UserError(f"the loss was not finite {MAX_NONFINITE} steps in a row; "
+                                    "lower --learning_rate or use --precision fp32/bf16")
+                continue
+            self.nonfinite = 0
+            avg = self.progress.count(loss, self.tokens)
+            elapsed = self.progress.elapsed + (ended - self.progress.started)
+            if step % self.print_every == 0:
+                self.log(f"[{step} | {elapsed:2.2f}] loss={loss:2.2f} avg={avg:2.2f}")
+            records.append({"step": step, "loss": loss, "avg": avg, "lr": lr,
+                            "tokens_per_sec": self.tokens / max(ended - started, 1e-9)
+                            if len(self.steps) == 1 else pace,
+                            "elapsed": elapsed, "tokens": self.progress.tokens})
+        self.steps = []
+        return records
 
 
 class Trainer:
@@ -170,8 +217,8 @@ class Trainer:
         # The tokenizer (later saves copy it from the newest checkpoint), the chat template,
         # and the data: windows of text, or examples.
         self.encoder, self.encoder_dir = load_encoder(start.point.model_dir), start.point.model_dir
-        self.template = ChatTemplate.from_file(cfg.chat_template) if cfg.chat_template else \
-            ChatTemplate.load(start.point.model_dir)
+        self.template = ChatTemplate.for_model(start.point.model_dir, cfg.chat_template,
+                                               check=False)  # (compiled if chats need it)
         self.batches = load_batches(cfg, self.encoder, self.template, start, dist, self.log)
         if cfg.epochs is not None:  # the run's length in updates, the same on every rank
             steps = cfg.epochs * self.batches.steps_per_epoch(cfg.accumulate_gradients)
@@ -246,10 +293,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def loop(self) -> int:
-        cfg, progress = self.cfg, self.progress
-        tokens_per_update = self.batches.tokens * cfg.accumulate_gradients * \
-            self.dist.world_size
-        nonfinite = 0
+        cfg, progress, dist = self.cfg, self.progress, self.dist
+        steps = Unsettled(progress, self.batches.tokens * cfg.accumulate_gradients *
+                          dist.world_size, cfg.print_every, self.log)
         progress.started = time.time()
         self.log("Training...")
         with StopRequest() as stop:
@@ -257,51 +303,54 @@ class Trainer:
             if progress.step == 0 and (self.validation or cfg.eval_every):
                 self.measure({"step": 0, "tokens": 0}, stop, bool(self.validation),
                              bool(cfg.eval_every))
-            # Until --max_steps, or a stop that any rank saw (all stop at the same step).
-            while not distributed.broadcast_flag(stop.requested, self.dist) and \
-                    (cfg.max_steps is None or progress.step < cfg.max_steps):
-                t0 = time.time()
-                # This update's learning rate, fresh gradients.
+            # Until --max_steps, or a stop that any rank saw (all stop at the same step; a
+            # single process looks at every step, ranks agree where they settle).
+            while cfg.max_steps is None or progress.step < cfg.max_steps:
+                if (not dist.enabled or not steps.steps) and \
+                        distributed.broadcast_flag(stop.requested, dist):
+                    break
+                started = time.time()
+                # This update's learning rate, fresh gradients; forward and backward over the
+                # micro-batches, then the optimizer step (skipped on the device if not finite).
                 lr = self.opt.start_update(progress.step + 1)
-                # Forward and backward over the micro-batches, then the optimizer step.
-                loss = self.train_step()
-                # A non-finite loss skips the update; ten in a row stop the run.
-                if loss is None:
-                    nonfinite += 1
-                    self.log(f"warning: non-finite loss at step {progress.step + 1}; step "
-                             "skipped")
-                    if nonfinite >= MAX_NONFINITE:
-                        raise UserError(f"the loss was not finite {MAX_NONFINITE} steps in a "
-                                        "row; lower --learning_rate or use --precision fp32/bf16")
+                progress.step += 1
+                steps.add(self.train_step(), lr, started)
+                step = progress.step
+                last = step == cfg.max_steps  # (the final model's numbers are compared)
+                validate = bool(cfg.val_every and self.validation and (
+                    step % cfg.val_every == 0 or last))
+                evals = bool(cfg.eval_every and (step % cfg.eval_every == 0 or last))
+                sample = bool(cfg.sample_every and step % cfg.sample_every == 0)
+                save = bool(cfg.save_every and step % cfg.save_every == 0)
+                if not (validate or evals or sample or save or last
+                        or (stop.requested and not dist.enabled)
+                        or step % cfg.print_every == 0):
                     continue
-                nonfinite = 0
-                # Count the update; print and record it.
-                avg = progress.count(loss, tokens_per_update)
-                if progress.step % cfg.print_every == 0:
-                    self.log(f"[{progress.step} | {progress.now():2.2f}] loss={loss:2.2f} "
-                             f"avg={avg:2.2f}")
-                record = {"step": progress.step, "loss": loss, "avg": avg, "lr": lr,
-                          "tokens_per_sec": tokens_per_update / max(time.time() - t0, 1e-9),
-                          "elapsed": progress.now(), "tokens": progress.tokens}
-                # Validation, samples and checkpoints, each on its own schedule.
-                # (and at --max_steps: the final model's numbers are the ones compared)
-                last = progress.step == cfg.max_steps
-                self.measure(record, stop, bool(cfg.val_every and self.validation and (
-                    progress.step % cfg.val_every == 0 or last)),
-                    bool(cfg.eval_every and (progress.step % cfg.eval_every == 0 or last)))
-                if cfg.sample_every and progress.step % cfg.sample_every == 0:
+                # The losses so far, printed and recorded; validation, samples and
+                # checkpoints, each on its own schedule.
+                records = steps.settle()
+                for record in records[:-1]:
+                    self.write_metrics(record)
+                if records and records[-1]["step"] == step:
+                    self.measure(records[-1], stop, validate, evals)
+                elif records:
+                    self.write_metrics(records[-1])
+                if sample:
                     self.write_samples()
-                if cfg.save_every and progress.step % cfg.save_every == 0:
+                if save:
                     self.save()
             # Stopped or done: the last steps are saved.
+            for record in steps.settle():
+                self.write_metrics(record)
             if distributed.broadcast_flag(stop.requested, self.dist):
                 self.log("interrupted")
             if self.last_saved != progress.step:
                 self.save()
         return 0
 
-    def train_step(self) -> float | None:
-        """One update from accumulate_gradients micro-batches; None if the loss was not finite."""
+    def train_step(self) -> torch.Tensor:
+        """One update from accumulate_gradients micro-batches: the loss, a 0-d tensor on the
+        device (the mean over ranks; a NaN on any rank makes every rank skip the update)."""
         n, model = self.cfg.accumulate_gradients, self.model
         losses = []
         for i in range(n):
@@ -315,12 +364,8 @@ class Trainer:
                 # Averaged over micro-batches (the original summed them: N x the step size).
                 self.opt.backward(loss / n)
             losses.append(loss.detach())
-        # The logged loss is the mean over ranks; a NaN on any rank makes every rank skip.
-        loss = distributed.all_reduce_mean(torch.stack(losses).mean().item(), self.dist)
-        if not math.isfinite(loss):
-            self.opt.skip_update()
-            return None
-        self.opt.finish_update()
+        loss = distributed.all_reduce_mean_tensor(torch.stack(losses).float().mean(), self.dist)
+        self.opt.finish_update(~torch.isfinite(loss))
         return loss
 
     # -- periodic work -------------------------------------------------------------------------
@@ -371,7 +416,7 @@ class Trainer:
     def saves_template(self) -> bool:
         """Checkpoints carry the chat template a run trained chats with (or was given, or
         started with), so every tool that reads the model renders chats the same way."""
-        return (isinstance(self.batches, ExampleBatches) and self.batches.chats) or \
+        return self.batches.chats or \
             self.cfg.chat_template is not None or \
             (self.start.point.model_dir / TEMPLATE_FILE).is_file()
 

@@ -283,11 +283,29 @@ class Optimization:
         """A non-finite loss: drop the gradients, change nothing."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def finish_update(self) -> None:
+    def finish_update(self, found_inf: torch.Tensor | None = None) -> None:
+        """Unscale, clip and step, unless ``found_inf`` (a 0-d bool tensor on the device: the
+        loss was not finite) says to skip the update. The fp16 scaler and the fused optimizers
+        skip on the device (the kernel sees the flag; nothing waits for the device); other
+        optimizers need the flag on the host first."""
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             # After DDP's all-reduce every rank clips the same averaged gradient (FSDP: the norm
             # of the full gradient is computed across shards).
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if found_inf is None or self.scaler.is_enabled():
+            # (the scaler finds a non-finite loss in the gradients it unscales and skips)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False) and all(
+                g.get("fused") for g in self.optimizer.param_groups):
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = found_inf.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif bool(found_inf):
+            self.skip_update()
+        else:
+            self.optimizer.step()

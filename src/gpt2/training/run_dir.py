@@ -37,10 +37,10 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
-from ..io.atomic import (file_mode, fsync_dir, is_no_space, no_space_message, pid_alive,
+from ..files.atomic import (file_mode, fsync_dir, no_space_message, pid_alive, write_error,
                          remove_stale_temp_files, write_text)
 from ..io.model_dir import save_model
-from ..io.paths import COUNTER, HPARAMS, expand, follow_run_dir, has_weights, resolve_model_dir
+from ..files.paths import COUNTER, HPARAMS, expand, follow_run_dir, has_weights, resolve_model_dir
 from .state import is_checkpoint, write_optimizer, write_state
 
 METRICS_FILE = "metrics.jsonl"
@@ -241,9 +241,9 @@ class RunDir:
             fsync_dir(tmp)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if is_no_space(e):
-                raise UserError(no_space_message(self.path, _size(optimizer_tensors, model))
-                                ) from None
+            error = write_error(e, self.path, _size(optimizer_tensors, model))
+            if error is not None:
+                raise error from None
             raise
         final = self.path / f"model-{step}"
         if final.exists():  # a rewound run saving the same step again: that one is stale

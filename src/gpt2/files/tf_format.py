@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 from ..errors import UserError
-from .crc32c import crc32c, mask, unmask
+from .checksums import crc32c, mask, unmask
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic

@@ -236,7 +236,7 @@ def collective(info: DistInfo) -> Iterator[None]:
 
     Gloo reports a dead peer as a plain RuntimeError ("Connection reset by peer"), so the type
     is given here, where the code knows it is communicating: our collectives below, and the
-    forward/backward of a DDP- or FSDP-wrapped model (see gpt2.train.parallelize). Memory
+    forward/backward of a DDP- or FSDP-wrapped model (see gpt2.training.parallelize). Memory
     errors stay what they are.
     """
     try:
@@ -334,6 +334,19 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=info.device)
         dist.all_reduce(t)
         return t.item() / info.world_size
+
+
+def all_reduce_mean_tensor(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a 0-d tensor over every rank, as a float64 tensor on its device; nothing
+    waits for the device (the tensor itself in a one-process run)."""
+    if not info.enabled:
+        return value
+    with collective(info):
+        t = value.detach().double().reshape(1)
+        if info.launcher == "horovod":
+            return _hvd().allreduce(t.cpu(), op=_hvd().Average)[0]
+        dist.all_reduce(t)
+        return t[0] / info.world_size
 
 
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:

@@ -5,13 +5,13 @@ A TF checkpoint is a *prefix* such as ``models/124M/model.ckpt`` naming two file
 * ``<prefix>.index``: a LevelDB-style SSTable. Key ``""`` holds a BundleHeaderProto (number of
   data shards, endianness); every other key is a variable name whose value is a
   BundleEntryProto (dtype, shape, shard, offset, size, masked crc32c of the bytes); both
-  formats are in :mod:`gpt2.io.tf_format`.
+  formats are in :mod:`gpt2.files.tf_format`.
 * ``<prefix>.data-00000-of-00001``: the raw tensors back to back, which we memory-map.
 
 A model directory names its prefix in a text file called ``checkpoint``
 (``model_checkpoint_path: "model.ckpt"``).
 
-    from gpt2.io.tf_checkpoint import read_tf_checkpoint, write_tf_checkpoint
+    from gpt2.files.tf_checkpoint import read_tf_checkpoint, write_tf_checkpoint
     tensors = read_tf_checkpoint("models/124M")          # {"model/wte": array [50257, 768], ...}
     write_tf_checkpoint("out/model.ckpt", tensors)        # readable by TensorFlow's Saver
 
@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import UserError
 from .atomic import atomic_write
 from . import tf_format
-from .crc32c import crc32c, native_crc32c, unmask
+from .checksums import crc32c, native_crc32c, unmask
 from .tf_format import TableWriter, encode_entry, encode_header, parse_entry, proto_fields, read_table
 
 __all__ = ["read_tf_checkpoint", "list_tf_checkpoint", "resolve_checkpoint_prefix",
@@ -228,7 +228,7 @@ def write_tf_checkpoint(prefix: str | os.PathLike, tensors: dict[str, np.ndarray
     """Save ``tensors`` as ``<prefix>.index`` + ``<prefix>.data-00000-of-00001``; return prefix.
 
     TensorFlow's ``Saver.restore`` and ``tf.train.load_checkpoint`` read the result (checked
-    with TF 2.21). Each file is written atomically (:mod:`gpt2.io.atomic`), data first. With
+    with TF 2.21). Each file is written atomically (:mod:`gpt2.files.atomic`), data first. With
     ``update_state_file`` the directory's ``checkpoint`` file is pointed at this prefix. No ``.meta`` graph is written: nothing here needs one.
     """
     prefix = Path(prefix)

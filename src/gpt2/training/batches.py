@@ -6,8 +6,9 @@ instruction and chat examples (answers learned, packed without cross-talk), resu
     batches.val_batches                       # fixed validation Batches
     batches.state_dict(), batches.noise_rng   # what a checkpoint keeps
 
-Each rank draws its own windows or examples. Both kinds have the same ``next`` and state: the
-training loop does not ask which it has.
+Each rank draws its own windows or examples. Both kinds have the same ``next``, state,
+``val_batches``, ``sample_prompts`` and ``chats`` (whether they went through the chat
+template): the training loop does not ask which it has.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TextBatches:
     token replaced by a random id with probability ``noise``."""
 
     sample_prompts = None  # training samples start from <|endoftext|>
+    chats = False          # nothing here went through a chat template
 
     def __init__(self, data: TrainingData, batch_size: int, n_ctx: int, n_vocab: int,
                  noise: float, seed: int, dist: DistInfo):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io.atomic import atomic_write, write_text
-from ..io.paths import STATE_FILE
+from ..files.atomic import atomic_write, write_text
+from ..files.paths import STATE_FILE
 from ..runtime import BACKENDS, device_rng_state, set_device_rng_state
 
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -1,7 +1,7 @@
 """Training: one config (:mod:`.config`), the loop (:mod:`.loop`), the wrappers applied from
 outside the model (:mod:`.parallelize`), the run directory (:mod:`.run_dir`).
 
-    from gpt2.train import TrainConfig, train
+    from gpt2.training import TrainConfig, train
     train(TrainConfig(dataset="my.txt", model_name="124M", max_steps=1000))
 """
 

@@ -72,7 +72,8 @@ class TaskEvals:
         from ..tasks import TASKS
 
         self.model, self.encoder, self.dist, self.log = model, encoder, dist, log
-        self.rows = {task: TASKS[task][0](path, cfg.eval_limit)
+        self.tasks = TASKS
+        self.rows = {task: TASKS[task].read(path, cfg.eval_limit)
                      for task, path in (cfg.eval_files() if cfg.eval_every else {}).items()}
         self.mine = {task: [rows[i] for i in self.shares(len(rows))[dist.rank]]
                      for task, rows in self.rows.items()}
@@ -83,7 +84,7 @@ class TaskEvals:
     def run(self, stop) -> dict | None:
         """``{task}_{metric}`` of every task (and ``{task}_examples``); None when a stop was
         requested on any rank during the pass (all ranks agree before every batch)."""
-        from ..tasks import TASKS, Stopped, summarize
+        from ..tasks import Stopped
 
         parallel, device, dist = self.model.parallel, self.dist.device, self.dist
         checks = 0
@@ -99,11 +100,12 @@ class TaskEvals:
         try:
             for task, rows in self.mine.items():
                 self.log(f"Scoring {task} ({len(self.rows[task])} examples)...")
-                batch = max(1, self.batch_rows // 4) if task == "hellaswag" else self.batch_rows
+                batch = max(1, self.batch_rows // self.tasks[task].rows_per_example)
                 checks = 0
                 with parallel.synced(training=False), autocast(device, self.model.precision):
-                    sums[task] = TASKS[task][1](model, self.encoder, rows, batch_size=batch,
-                                                progress=self.dist.is_main, stop=stopping)
+                    sums[task] = self.tasks[task].sums(model, self.encoder, rows,
+                                                       batch_size=batch,
+                                                       progress=self.dist.is_main, stop=stopping)
                 # A shorter share ran fewer batches: it still checks as often as the longest.
                 longest = max(map(len, self.shares(len(self.rows[task]))))
                 for _ in range(-(-longest // batch) - checks):
@@ -118,9 +120,8 @@ class TaskEvals:
             if not parallel.sharded:  # shares of the rows: add them up
                 parts = {k: distributed.all_reduce_mean(float(v), dist) * dist.world_size
                          for k, v in parts.items()}
-            result = summarize(task, parts)
-            out.update({f"{task}_{k}": result[k] for k in ("acc", "acc_norm", "perplexity")
-                        if k in result})
+            result = self.tasks[task].summarize(parts)
+            out.update({f"{task}_{k}": result[k] for k in self.tasks[task].shown})
             out[f"{task}_examples"] = round(result["examples"])
         return out
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..cli import ArgumentParser
+from ..flags import ArgumentParser
 from ..data.examples import FORMATS
 from ..errors import UserError
 from ..runtime import AUTO, PRECISIONS
+from ..tasks import TASKS
 from . import optim
 
-TRAINING_TASKS = ("hellaswag", "lambada")  # --eval_tasks: what gpt2.tasks scores during training
 ORIGINAL = "original flags (nshepperd/gpt-2 train.py)"
 LOCATION = "model location"
 CONTROLS = "training controls"
@@ -224,8 +224,9 @@ class TrainConfig:
         0, "Score --eval_tasks every N steps (and at step 0 and --max_steps), into "
         "metrics.jsonl and TensorBoard (0: never).", group=EVALS, check=at_least(0), metavar="N")
     eval_tasks: str = flag(
-        "hellaswag", "Comma-separated: hellaswag (acc, acc_norm), lambada (acc, perplexity), "
-        "scored as gpt2 evaluate --task; TASK=PATH reads PATH instead of the file `gpt2 "
+        "hellaswag", "Comma-separated: " + ", ".join(
+            f"{t.name} ({', '.join(t.shown)})" for t in TASKS.values() if t.in_training) +
+        ", scored as gpt2 evaluate --task; TASK=PATH reads PATH instead of the file `gpt2 "
         "download --dataset TASK` put in --eval_data_dir.", group=EVALS, metavar="TASKS")
     eval_limit: int | None = flag(None, "Score the first K examples of each task.",
                                   group=EVALS, check=at_least(1), metavar="K", shown="all")
@@ -260,20 +261,19 @@ class TrainConfig:
 
     def eval_files(self) -> dict[str, Path]:
         """--eval_tasks as {task: data file}, each checked to exist."""
-        from ..io.download import dataset_path
+        from ..tasks import task_file, training_tasks
 
         files: dict[str, Path] = {}
         for item in filter(None, (t.strip() for t in self.eval_tasks.split(","))):
             task, _, path = item.partition("=")
-            if task not in TRAINING_TASKS:
+            if task not in training_tasks():
                 raise UserError(f"--eval_tasks: {task!r} is not one of "
-                                f"{', '.join(TRAINING_TASKS)} (WikiText: gpt2 evaluate --task "
+                                f"{', '.join(training_tasks())} (WikiText: gpt2 evaluate --task "
                                 "wikitext2 on a checkpoint)")
-            file = Path(path) if path else dataset_path(task, self.eval_data_dir)
-            if not file.is_file():
-                raise UserError(f"--eval_tasks: {task}: no {file}; run `gpt2 download --dataset "
-                                f"{task}` or give {task}=PATH")
-            files[task] = file
+            files[task] = task_file(task, path or None, self.eval_data_dir, "--eval_tasks:",
+                                    f"{task}=PATH")
+            if not files[task].is_file():
+                raise UserError(f"--eval_tasks: {task}: no {files[task]}")
         if not files:
             raise UserError("--eval_tasks: name at least one task (or leave --eval_every 0)")
         return files

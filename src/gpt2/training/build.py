@@ -2,7 +2,7 @@
 then wrapped for the run (activation checkpointing, DDP/FSDP, compile) on its device.
 
     model = build_training_model(cfg, start, dist, log=print)
-    model.parallel.train_model(x, targets=y)       # see gpt2.train.parallelize
+    model.parallel.train_model(x, targets=y)       # see gpt2.training.parallelize
     model.lora_base                                 # the LoRA base's path, or None
 
 A LoRA run's checkpoints hold the merged weights (a plain model directory) plus ``adapter/``;

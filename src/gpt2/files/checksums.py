@@ -1,12 +1,25 @@
-"""CRC-32C (Castagnoli), as TensorFlow checksums checkpoint tensors, vectorised with numpy.
+"""Checksums: a file's sha256 (downloads are checked against the published one), and CRC-32C
+(Castagnoli) as TensorFlow checksums checkpoint tensors, vectorised with numpy.
 
-    crc32c(b"123456789")          # 0xE3069283
-    mask(crc) / unmask(masked)    # the rotated form TensorFlow stores
+    sha256_of("data/hellaswag_val.jsonl")   # hex digest, read in 1 MiB blocks
+    crc32c(b"123456789")                    # 0xE3069283
+    mask(crc) / unmask(masked)              # the rotated form TensorFlow stores
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _crc_tables() -> np.ndarray:

@@ -1,6 +1,6 @@
 """How many bytes a GPT-2 training step needs, from hparams.json alone, and whether it fits.
 
-    from gpt2.train.memory import estimate_memory, check_fits
+    from gpt2.training.memory import estimate_memory, check_fits
     est = estimate_memory(config, batch_size=1, seq_len=1024, precision="bf16",
                           optimizer="adafactor", activation_checkpointing=True)
     print(est.describe())          # params 6.2 GB, grads 6.2 GB, optimizer 3.1 GB, ... peak 19.8 GB
