@@ -222,6 +222,72 @@ def test_losses_match_golden_file(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=0, atol=GOLDEN_TOL)
 
 
+def test_losses_are_read_when_printed_not_after_every_step(tmp_path, data, model_dir,
+                                                           monkeypatch):
+    """A step leaves its loss on the device (reading it makes a GPU wait): the loop reads the
+    losses of several steps at once, when it prints (or measures, samples, saves, stops), and
+    nothing in a step reads a tensor. The numbers are the same as reading after every step,
+    and so are the weights."""
+    from gpt2.training import loop
+
+    reads, inside, stepping = [], [], [False]
+    settle, step = loop.Unsettled.settle, loop.Trainer.train_step
+    monkeypatch.setattr(loop.Unsettled, "settle",
+                        lambda self: reads.append(len(self.steps)) or settle(self))
+
+    def watched(self):
+        stepping[0] = True
+        try:
+            return step(self)
+        finally:
+            stepping[0] = False
+
+    monkeypatch.setattr(loop.Trainer, "train_step", watched)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, _n=name, **k: (
+            inside.append(_n) if stepping[0] else None, _r(t, *a, **k))[1])
+    flags = dict(max_steps=8, optimizer="adamw", grad_clip=1.0, accumulate_gradients=2)
+    assert main(args(data, model_dir, run_name="every4", print_every=4, **flags)) == 0
+    assert [n for n in reads if n] == [4, 4] and inside == []
+    assert main(args(data, model_dir, run_name="every1", print_every=1, **flags)) == 0
+    assert metrics(tmp_path / "checkpoint" / "every4") == [
+        {**m, "tokens_per_sec": pytest.approx(m["tokens_per_sec"], rel=10),
+         "elapsed": pytest.approx(m["elapsed"], abs=60)}
+        for m in metrics(tmp_path / "checkpoint" / "every1")]
+    a, b = weights(tmp_path / "checkpoint" / "every4"), weights(tmp_path / "checkpoint" / "every1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_a_non_finite_loss_skips_its_update_without_stopping(tmp_path, data, model_dir,
+                                                             monkeypatch, capsys, optimizer):
+    """Step 3's loss is NaN: its update is skipped (on the device for the fused AdamW, on the
+    host for Adafactor), the optimizer's own step count does not move, a warning says so,
+    and the run goes on with finite weights."""
+    import gpt2.model
+
+    calls, real = [0], gpt2.model.token_loss
+
+    def nan_at_step_3(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls[0] == 3 else loss
+
+    monkeypatch.setattr(gpt2.model, "token_loss", nan_at_step_3)
+    assert main(args(data, model_dir, max_steps=5, optimizer=optimizer, print_every=1,
+                     save_every=5)) == 0
+    assert "warning: non-finite loss at step 3; its update was skipped" in capsys.readouterr().out
+    run = tmp_path / "checkpoint" / "run1"
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 4, 5]
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+    from safetensors.torch import load_file
+
+    steps = {v.item() for k, v in load_file(str(newest(run) / "optimizer.safetensors")).items()
+             if k.endswith("/step")}
+    assert steps in ({4.0}, set())  # (Adafactor keeps its count elsewhere)
+
+
 def test_loss_falls_on_real_text(tmp_path, model_dir):
     from pydoc_data.topics import topics
 

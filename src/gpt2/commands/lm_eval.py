@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit must be > 0, got {args.limit}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError(f"--tasks {args.tasks!r}: name at least one task (lm_eval --tasks list "
+                        "shows them)")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -59,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
                         "'gpt2[eval]'") from None
     from ..lm_eval import GPT2LM
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     manager = TaskManager(include_path=args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -150,8 +150,18 @@ def _tasks(parts: list[Part], opts: ReadOptions, splittable: bool,
 _WORKER: tuple | None = None
 
 
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_worker(encoder, dtype, parent: int) -> None:
+    """A worker leaves Ctrl-C and SIGTERM to its parent, which stops the pool: killed in the
+    middle of sending a result, a worker would leave half a message that the pool then waits
+    for forever. It was forked with both blocked (see :func:`_submitting`), so none arrives
+    while the parent's handlers are still in place."""
     global _WORKER
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     _WORKER = (encoder, dtype)
     _die_with_parent(parent)
 
@@ -201,7 +211,7 @@ def _ordered_results(tasks: Iterator[Task], pool: cf.Executor | None, encoder, d
             yield t, (t.chunks if t.chunks is not None else _encode_texts(t.texts, encoder, dtype))
         return
     if isinstance(pool, cf.ProcessPoolExecutor):
-        submit = lambda texts: pool.submit(_encode_texts, texts)  # noqa: E731
+        submit = lambda texts: _submitting(pool, texts)  # noqa: E731
     else:
         submit = lambda texts: pool.submit(_encode_texts, texts, encoder, dtype)  # noqa: E731
     pending: deque = deque()
@@ -219,6 +229,17 @@ def _ordered_results(tasks: Iterator[Task], pool: cf.Executor | None, encoder, d
     while pending:
         t0, f0 = pending.popleft()
         yield t0, f0.result()
+
+
+def _submitting(pool: cf.ProcessPoolExecutor, texts: list[str]) -> cf.Future:
+    """``pool.submit`` with Ctrl-C and SIGTERM blocked: the pool forks its workers here, and a
+    worker must not run the parent's handlers before its own are set (a signal sent to the
+    process group meanwhile waits, and the worker then ignores it)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        return pool.submit(_encode_texts, texts)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _fixed_mmap_threshold() -> None:
@@ -239,6 +260,10 @@ def encoded(parts: list[Part], encoder, opts: ReadOptions, workers: int, backend
     try:
         tasks = _tasks(parts, opts, splits_cleanly(encoder), on_empty)
         yield from _ordered_results(tasks, pool, encoder, dtype, workers)
+    except BaseException:  # Ctrl-C, SIGTERM, an error, or the reader stopped early: the
+        if pool is not None:  # workers finish the task at hand (a fraction of a second), no more
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
