@@ -6,7 +6,9 @@ then every run is a fork of this process (no import per run), optionally SIGKILL
 SPEC: {"cwd": dir, "runs": [{"argv": [...], "kill_step": N, "kill_at": K, "kill_after": s,
 "setup": {"copy": [src, dst]}, "keep": [run_dir, dst]}]}. ``kill_step``/``kill_at``: SIGKILL the run before the
 K-th os.replace/os.fsync/os.rename call of its save of step N (0 counts them, no kill).
-``kill_after``: SIGKILL it after that many seconds. No torch work is done before forking.
+``kill_after``: SIGKILL it after that many seconds; ``kill_within``: after that fraction of the
+first run's time (runs take a fraction of a second: absolute times would miss them). No torch
+work is done before forking.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 
 from pathlib import Path
 
+import torch._dynamo  # noqa: F401 (torch.optim imports it on its first use: once here, not in
+import gpt2.commands.train  # noqa: F401  every forked run, nor gpt2's own lazy imports)
 import gpt2.training.run_dir as run_dir
 from gpt2.cli import main
 from gpt2.files.paths import follow_run_dir
@@ -59,7 +63,7 @@ def child(run: dict, report: int) -> None:
         os._exit(code)
 
 
-def one(run: dict) -> dict:
+def one(run: dict, first: float | None) -> dict:
     for src, dst in [run["setup"]["copy"]] if "setup" in run else []:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
@@ -69,8 +73,9 @@ def one(run: dict) -> dict:
         os.close(read)
         child(run, write)
     os.close(write)
-    if "kill_after" in run:
-        time.sleep(run["kill_after"])
+    start = time.time()
+    if "kill_after" in run or "kill_within" in run:
+        time.sleep(run.get("kill_after") or run["kill_within"] * first)
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     out = os.read(read, 4096)
@@ -78,6 +83,7 @@ def one(run: dict) -> dict:
     result = json.loads(out) if out else {}
     result["signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     result["exit"] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    result["seconds"] = time.time() - start
     if "keep" in run:  # the checkpoint the run directory names now, kept for the test
         src, dst = run["keep"]
         named = follow_run_dir(Path(src))
@@ -92,5 +98,8 @@ if __name__ == "__main__":
                                        _counted(os.rename))
     spec = json.loads(open(sys.argv[1]).read())
     os.chdir(spec["cwd"])
+    first = None
     for run in spec["runs"]:
-        print(json.dumps(one(run)), flush=True)
+        result = one(run, first)
+        first = first or result["seconds"]
+        print(json.dumps(result), flush=True)

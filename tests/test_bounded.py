@@ -38,7 +38,7 @@ def test_a_grandchild_holding_the_output_open_is_found_and_killed():
     code = ("import subprocess, sys\n"
             f"subprocess.Popen([sys.executable, '-c', {SLEEPER!r}])\n")
     with pytest.raises(pytest.fail.Exception, match="still hold its output open"):
-        bounded.run([sys.executable, "-c", code], timeout=5)
+        bounded.run([sys.executable, "-c", code], timeout=2)
     time.sleep(0.5)
     assert not [p for p in bounded.descendants(bounded.os.getpid())
                 if bounded.alive(p) and "stuck_here" in bounded._cmdline(p)]
@@ -51,8 +51,8 @@ def _sleeping_worker(rank: int) -> None:
 
 def test_a_stuck_spawned_worker_fails_with_its_stack_and_is_killed():
     with pytest.raises(pytest.fail.Exception) as failed:
-        bounded.spawn(_sleeping_worker, nprocs=2, timeout=10)
-    assert "1 worker(s) still running after 10 s" in str(failed.value)
+        bounded.spawn(_sleeping_worker, nprocs=2, timeout=5)
+    assert "1 worker(s) still running after 5 s" in str(failed.value)
     assert not [p for p in bounded.descendants(bounded.os.getpid())
                 if bounded.alive(p) and "multiprocessing" in bounded._cmdline(p)
                 and "resource_tracker" not in bounded._cmdline(p)]

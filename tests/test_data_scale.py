@@ -11,7 +11,6 @@ import bz2
 import gzip
 import json
 import lzma
-import os
 import resource
 import sys
 import time
@@ -30,7 +29,6 @@ from gpt2.tokenizer.files import load_encoder
 from gpt2.data.write import encode_corpus, encode_to_bin
 from gpt2.errors import UserError
 from test_dataset import EOT, enc, joined, ref  # noqa: F401  (fixtures)
-from bounded import run
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ["First document.\nIt has two lines.\n", "Second: Ünïcödé 漢字, numbers 12345  \n",
@@ -110,14 +108,16 @@ def test_missing_or_non_string_fields_name_the_file_and_row(tmp_path, enc):
     ("bad.txt.xz", lambda: b"not xz at all"),
     ("bad.parquet", lambda: b"PAR1 this is no parquet file"),
 ])
-def test_corrupt_files_are_one_line_errors(tmp_path, name, make, gpt2_vocab_dir):
+def test_corrupt_files_are_one_line_errors(tmp_path, name, make, gpt2_vocab_dir, capsys):
+    from gpt2.cli import main
+
     (tmp_path / name).write_bytes(make())
-    proc = run([sys.executable, "-m", "gpt2", "encode", "--model_dir", str(gpt2_vocab_dir),
-                "--quiet", str(tmp_path / name), str(tmp_path / "out.bin")],
-               env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / name}: "), proc.stderr
+    code = main(["encode", "--model_dir", str(gpt2_vocab_dir), "--quiet", "--workers", "1",
+                 str(tmp_path / name), str(tmp_path / "out.bin")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / name}: "), err
     assert not (tmp_path / "out.bin").exists()
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
 

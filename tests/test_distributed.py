@@ -72,7 +72,10 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 CFG = GPTConfig(n_vocab=61, n_ctx=16, n_embd=16, n_head=2, n_layer=2)
 
 
-def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str, chunk: int) -> None:
+CHUNKS = (0, 5)  # the loss in one buffer, and chunked
+
+
+def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different init on each rank: DDP must broadcast rank 0's
@@ -83,11 +86,13 @@ def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str, chunk: int
     # 2 micro-batches per rank, the all-reduce only on the last (as the trainer accumulates)
     mine = tokens[rank * 4:(rank + 1) * 4]
     parallel = Parallel(model, ddp, DistInfo(rank, 2), sharded=False)
-    for i, micro in enumerate((mine[:2], mine[2:])):
-        with parallel.no_sync(last_micro_step=i == 1):
-            # the loss inside DDP's forward, as the trainer computes it (chunked or not)
-            (ddp(micro, targets=micro, loss_chunk=chunk) / 2).backward()
-    torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out}.{rank}")
+    for chunk in CHUNKS:
+        model.zero_grad(set_to_none=True)
+        for i, micro in enumerate((mine[:2], mine[2:])):
+            with parallel.no_sync(last_micro_step=i == 1):
+                # the loss inside DDP's forward, as the trainer computes it (chunked or not)
+                (ddp(micro, targets=micro, loss_chunk=chunk) / 2).backward()
+        torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out}.{chunk}.{rank}")
     # The product's way out. A bare destroy_process_group() here, with `ddp` still alive,
     # left its reducer to free the group later, from C++: that hung 4 runs in 12.
     from gpt2.training import distributed
@@ -95,18 +100,19 @@ def _ddp_worker(rank: int, port: int, tokens: torch.Tensor, out: str, chunk: int
     distributed.shutdown()
 
 
-@pytest.mark.parametrize("chunk", [0, 5])
-def test_ddp_gradient_equals_single_process_gradient(tmp_path, chunk):
+def test_ddp_gradient_equals_single_process_gradient(tmp_path):
     tokens = torch.randint(0, CFG.n_vocab, (8, CFG.n_ctx), generator=torch.Generator().manual_seed(3))
     out = str(tmp_path / "grads")
-    spawn(_ddp_worker, args=(free_port(), tokens, out, chunk), nprocs=2, timeout=90)
+    spawn(_ddp_worker, args=(free_port(), tokens, out), nprocs=2, timeout=90)
     model = GPT(CFG)
     model.load_state_dict(torch.load(out + ".init"))
     lm_loss(model(tokens), tokens).backward()
-    for rank in (0, 1):
-        grads = torch.load(f"{out}.{rank}")
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for chunk in CHUNKS:
+        for rank in (0, 1):
+            grads = torch.load(f"{out}.{chunk}.{rank}")
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6,
+                                           msg=(chunk, name))
 
 
 # --- leaving: destroy_process_group() really frees the group ----------------------------------
@@ -195,12 +201,31 @@ def evals_equal_gpt2_evaluate(run_dir: Path, step: int, hellaswag: Path, lambada
             assert record[f"{task}_{key}"] == pytest.approx(result[key], rel=1e-5), (task, key)
 
 
-def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir):
+# Flags of the distributed runs compared below (validation holds out data: the same in all).
+RUN = dict(val_every=2, val_batch_count=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One 2-rank run of 10 steps, the reference of the resume and the curve tests (its first
+    6 steps are what a 6-step run computes: the schedule is constant)."""
+    from test_train import make_model_dir, synthetic_text
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    (root / "data.txt").write_text(synthetic_text())
+    model = make_model_dir(root / "tiny")
+    e = {**env(), "GPT2_CACHE": str(root / "cache")}
+    ok(run(torchrun_cmd(args(root / "data.txt", model, max_steps=10, **RUN)), cwd=root, env=e,
+           timeout=120))
+    return root / "checkpoint" / "run1"
+
+
+def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir, uninterrupted):
     from test_train_parts import write_eval_files
 
     hellaswag, lambada = write_eval_files(tmp_path)  # 7 and 9 rows: uneven shares
-    out = ok(torchrun(args(data, model_dir, max_steps=3, val_every=2, val_batch_count=3,
-                           eval_every=3, eval_tasks=f"hellaswag={hellaswag},lambada={lambada}"),
+    out = ok(torchrun(args(data, model_dir, max_steps=3, eval_every=3,
+                           eval_tasks=f"hellaswag={hellaswag},lambada={lambada}", **RUN),
                       tmp_path))
     assert "effective batch 2 x 2 ranks x 1 accumulation = 4 windows = 128 tokens" in out
     assert "not scaled" in out
@@ -215,26 +240,19 @@ def test_torchrun_run_resume_and_checkpoint(tmp_path, data, model_dir):
     assert sum(p.numel() for p in model.parameters()) > 0
     evals_equal_gpt2_evaluate(run_dir, 3, hellaswag, lambada)
 
-    ok(torchrun(args(data, model_dir, max_steps=6, val_every=2, val_batch_count=3,
-                     restore_from="latest"), tmp_path))
+    ok(torchrun(args(data, model_dir, max_steps=6, restore_from="latest", **RUN), tmp_path))
     assert (run_dir / "counter").read_text() == "6\n"
     assert [m["step"] for m in metrics(run_dir)] == [0, 1, 2, 3, 4, 5, 6]
     resumed = losses(run_dir)
 
     # the same 6 steps without the stop: a resumed distributed run continues exactly
-    other = tmp_path / "other"
-    other.mkdir()
-    ok(torchrun(args(data, model_dir, max_steps=6, val_every=2, val_batch_count=3), other))
-    assert losses(other / "checkpoint" / "run1") == pytest.approx(resumed, abs=1e-6)
+    assert losses(uninterrupted)[:6] == pytest.approx(resumed, abs=1e-6)
 
 
-def test_two_processes_follow_one_process_curve(tmp_path, data, model_dir):
-    steps = 10
-    two = tmp_path / "two"
-    two.mkdir()
-    ok(torchrun(args(data, model_dir, max_steps=steps, batch_size=2), two))
-    assert train_main(args(data, model_dir, max_steps=steps, batch_size=4)) == 0
-    one, dist_ = losses(tmp_path / "checkpoint" / "run1"), losses(two / "checkpoint" / "run1")
+def test_two_processes_follow_one_process_curve(tmp_path, data, model_dir, uninterrupted):
+    steps = 10  # 2 ranks x batch 2 (the reference run) against 1 process x batch 4
+    assert train_main(args(data, model_dir, max_steps=steps, batch_size=4, **RUN)) == 0
+    one, dist_ = losses(tmp_path / "checkpoint" / "run1"), losses(uninterrupted)
     assert len(one) == len(dist_) == steps
     assert one[0] == pytest.approx(dist_[0], abs=CURVE_TOL)  # same start weights
     assert max(abs(a - b) for a, b in zip(one, dist_)) < CURVE_TOL, (one, dist_)

@@ -4,6 +4,7 @@ the tokenizer, the sample scripts) resolves to the checkpoint its ``counter`` na
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import bounded
+from gpt2.cli import main
 from gpt2.io.model_dir import load_config
 from gpt2.files.paths import follow_run_dir
 from gpt2.tokenizer.files import (bpe_files, copy_encoder_files, encoder_fingerprint,
@@ -20,12 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
 
-def test_quickstart_end_to_end_and_its_next_step(tmp_path):
+def test_quickstart_end_to_end_and_its_next_step(tmp_path, capsys, monkeypatch):
+    """In-process (./quickstart.sh runs it as a command, whose tests are test_readme's)."""
+    monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "qs"
-    r = bounded.run([sys.executable, "-m", "gpt2", "quickstart", "--out", str(out),
-                     "--max_steps", "2", "--batch_size", "2"], env=ENV, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "SAMPLE" in r.stdout and "Next steps" in r.stdout
+    assert main(["quickstart", "--out", str(out), "--max_steps", "2", "--batch_size", "2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "SAMPLE" in stdout and "Next steps" in stdout
     run = out / "checkpoint" / "quickstart"
     ckpt = follow_run_dir(run)
     assert ckpt != run and ckpt.name == "model-2"
@@ -36,27 +39,26 @@ def test_quickstart_end_to_end_and_its_next_step(tmp_path):
     assert load_encoder(run).encode("def f(x):") == load_encoder(ckpt).encode("def f(x):")
     copied = copy_encoder_files(run, tmp_path / "copy")
     assert encoder_fingerprint(tmp_path / "copy") == encoder_fingerprint(ckpt) and copied
-    # The next step the quickstart prints, on the run directory.
-    r = bounded.run([sys.executable, str(REPO / "src" / "generate_unconditional_samples.py"),
-                     "--model_dir", str(run), "--top_k", "40", "--nsamples", "1", "--length", "8",
-                     "--seed", "1"], env=ENV, timeout=120)
-    assert r.returncode == 0 and "SAMPLE 1" in r.stdout, r.stderr[-2000:]
+    # The next step the quickstart prints, on the run directory (the script: test_sample.py).
+    assert main(["sample", "--model_dir", str(run), "--top_k", "40", "--nsamples", "1",
+                 "--length", "8", "--seed", "1"]) == 0
+    assert "SAMPLE 1" in capsys.readouterr().out
 
 
-def test_quickstart_chat_end_to_end_and_its_next_step(tmp_path):
-    """The instruction-tuning quickstart on a few steps: the task, the byte-level model, the
-    run, the accuracy line; then `gpt2 chat` on the run it prints."""
+def test_quickstart_chat_end_to_end_and_its_next_step(tmp_path, capsys, monkeypatch):
+    """The instruction-tuning quickstart on a few steps and a fifth of its chats: the task, the
+    byte-level model, the run, the accuracy line; then `gpt2 chat` on the run it prints."""
+    monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "qc"
-    r = bounded.run([sys.executable, "-m", "gpt2", "quickstart", "--chat", "--out", str(out),
-                     "--max_steps", "3"], env=ENV, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "exact-match accuracy, answers only: " in r.stdout and "Next steps" in r.stdout
-    assert len((out / "data/train/train.jsonl").read_text().splitlines()) == 20000
+    assert main(["quickstart", "--chat", "--out", str(out), "--max_steps", "3",
+                 "--examples", "4000"]) == 0
+    stdout = capsys.readouterr().out
+    assert "exact-match accuracy, answers only: " in stdout and "Next steps" in stdout
+    assert len((out / "data/train/train.jsonl").read_text().splitlines()) == 4000
     run = out / "checkpoint" / "answers"
     assert (follow_run_dir(run) / "chat_template.jinja").is_file()
-    r = bounded.run([sys.executable, "-m", "gpt2", "chat", str(run), "--max_tokens", "4"],
-                    input="upper hello\n", env=ENV, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("upper hello\n"))
+    assert main(["chat", str(run), "--max_tokens", "4"]) == 0
 
 
 @pytest.mark.slow

@@ -372,7 +372,7 @@ def test_the_playground_streams_a_completion_in_headless_chromium(model_dir):
 
 FRAGMENT = """
 import ctypes, os, torch
-from gpt2.runtime import return_large_frees
+from gpt2.files.memory import return_large_frees
 
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .errors import UserError
 from .files.atomic import atomic_write, write_text
-from .io.model_dir import load_model
+from .io.model_dir import load_model, meta_model
 from .io.tensors import load_safetensors, unwrap
 from .model import GPT
 
@@ -268,8 +268,7 @@ def merged_model(model: nn.Module) -> nn.Module:
                 if leaf == "weight":
                     t = (t.float() + layer.delta_weight()).to(t.dtype)
             state[name] = t.detach()
-    with torch.device("meta"):
-        plain = GPT(model.config)
+    plain = meta_model(model.config)
     plain.load_state_dict(state, assign=True, strict=True)
     plain.lm_head.weight = plain.wte.weight  # assign=True replaced wte's parameter: tie again
     return plain.train(model.training)

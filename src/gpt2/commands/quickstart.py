@@ -76,6 +76,8 @@ def build_parser() -> ArgumentParser:
                         "--out quickstart-chat, --max_steps 2000)")
     p.add_argument("--compare", action="store_true",
                    help="with --chat: also train with --train_on_prompt for the same steps")
+    p.add_argument("--examples", type=int, default=20000,
+                   help="with --chat: training chats of the synthetic task")
     return p
 
 
@@ -88,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.chat:
         from .quickstart_chat import chat_main
 
-        return chat_main(Path(args.out), args.max_steps, args.seed, args.compare)
-    if args.compare:
-        raise UserError("--compare goes with --chat")
+        if args.examples < 1:
+            raise UserError(f"--examples must be >= 1, got {args.examples}")
+        return chat_main(Path(args.out), args.max_steps, args.seed, args.compare, args.examples)
+    if args.compare or args.examples != 20000:
+        raise UserError("--compare and --examples go with --chat")
 
     from .train import main as train_main
 

@@ -1,8 +1,8 @@
 """``gpt2 quickstart --chat``: instruction tuning from scratch in a few CPU minutes, measured.
 
 1. a synthetic instruction task, made on the fly: ``upper WORD`` -> ``WORD`` in capitals, for
-   random lowercase words; 20,000 training chats, 200 held out for validation and 200 more words
-   never seen in training for the test;
+   random lowercase words; 20,000 training chats (``--examples``), 200 held out for validation
+   and 200 more words never seen in training for the test;
 2. a byte-level tokenizer (256 bytes + ``<|endoftext|>``, GPT-2's format) and a small GPT-2
    (4 layers, 128 wide, 64-token context);
 3. training from scratch on the answers only (chats through gpt2's chat template, packed);
@@ -98,13 +98,13 @@ def train_run(out: Path, name: str, steps: int, seed: int, *extra: str) -> int:
         "--seed", str(seed), *extra])
 
 
-def chat_main(out: Path, steps: int, seed: int, compare: bool) -> int:
+def chat_main(out: Path, steps: int, seed: int, compare: bool, examples: int = 20000) -> int:
     t0 = time.time()
     print(f"[1/4] Writing a synthetic instruction task to {out / 'data'}/: 'upper WORD' -> "
           "WORD in capitals")
-    test_words = write_task(out / "data", seed)
-    print(f"      20,000 training chats, 200 for validation, {len(test_words)} held-out words "
-          "for the test")
+    test_words = write_task(out / "data", seed, examples)
+    print(f"      {examples:,} training chats, 200 for validation, {len(test_words)} held-out "
+          "words for the test")
     print(f"[2/4] A byte-level tokenizer and a small GPT-2 {json.dumps(MODEL)} -> {out / 'model'}/")
     write_byte_level_model(out / "model")
     runs = [("answers", [])] + ([("prompts_too", ["--train_on_prompt"])] if compare else [])

@@ -18,7 +18,7 @@ from ..flags import ArgumentParser, HelpFormatter
 from ..errors import Terminated, UserError
 from ..files.paths import expand
 from ..io.inference import load_for_inference
-from ..runtime import return_large_frees
+from ..files.memory import return_large_frees
 from .common import add_dtype_argument
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..runtime import return_large_frees
+from ..files.memory import return_large_frees
 from .sources import PRE_ENCODED, Part, ReadOptions, documents
 from .tokens import TokenChunks, load_token_file
 

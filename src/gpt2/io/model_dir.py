@@ -20,9 +20,11 @@ parameter filled with the right shape, or loading stops with a one-line error. P
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -50,14 +52,36 @@ def load_config(model_dir: str | os.PathLike) -> GPTConfig:
     raise UserError(f"{model_dir / HPARAMS}: file not found")
 
 
+@contextlib.contextmanager
+def _uninitialized() -> Iterator[None]:
+    """torch.nn.init's functions do nothing inside the block (as transformers' no_init_weights):
+    a model built on the meta device to be filled from a file needs no initial values, and
+    computing them there runs torch's Python meta kernels, whose first use imports
+    torch._dynamo (over a second of every command's start)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for name, func in saved.items():
+            setattr(torch.nn.init, name, func)
+
+
+def meta_model(config: GPTConfig) -> GPT:
+    """A GPT on the meta device (no memory, no initial values), for weights to be assigned."""
+    with torch.device("meta"), _uninitialized():
+        return GPT(config)
+
+
 def model_from_tensors(config: GPTConfig, tensors: dict[str, torch.Tensor],
                        where: Path) -> GPT:
     """Make a GPT from named tensors: every tensor used, every parameter filled, shapes checked."""
     if "lm_head.weight" in tensors:  # readers drop a tied head; one left here is not tied
         raise UserError(f"{where}: unexpected tensor 'lm_head.weight'; GPT-2 ties it to wte")
     check_shapes(config, {k: tuple(v.shape) for k, v in tensors.items()}, where)
-    with torch.device("meta"):
-        model = GPT(config)
+    model = meta_model(config)
     expected = [k for k in model.state_dict() if k != "lm_head.weight"]
     state = {k: tensors[k] for k in expected}
     state["lm_head.weight"] = state["wte.weight"]
