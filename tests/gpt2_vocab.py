@@ -100,13 +100,30 @@ def build(out: Path) -> None:
 
 
 def vocab_dir() -> Path:
-    """Directory holding GPT-2's encoder.json and vocab.bpe (built on first use)."""
+    """Directory holding GPT-2's encoder.json and vocab.bpe (built on first use, by one of the
+    test processes pytest-xdist runs while the others wait for it)."""
+    import fcntl
+    import time
+
     out = CACHE / "gpt2-vocab"
-    if not (out / "vocab.bpe").exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=CACHE))
-        build(tmp)
-        tmp.rename(out)
+    if (out / "vocab.bpe").exists():
+        return out
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".gpt2-vocab.lock", "w") as lock:
+        deadline = time.monotonic() + 900  # (the build's own download gives up after 600 s)
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("another test process has been building the GPT-2 "
+                                       "vocabulary for 15 minutes") from None
+                time.sleep(0.2)
+        if not (out / "vocab.bpe").exists():
+            tmp = Path(tempfile.mkdtemp(dir=CACHE))
+            build(tmp)
+            tmp.rename(out)
     return out
 
 

@@ -3,6 +3,7 @@ and leaves nothing running (what keeps the suite from ever hanging)."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -52,7 +53,8 @@ def _sleeping_worker(rank: int) -> None:
 def test_a_stuck_spawned_worker_fails_with_its_stack_and_is_killed():
     with pytest.raises(pytest.fail.Exception) as failed:
         bounded.spawn(_sleeping_worker, nprocs=2, timeout=5)
-    assert "1 worker(s) still running after 5 s" in str(failed.value)
+    # rank 1 sleeps; rank 0 may still be starting (importing torch) on a loaded machine
+    assert re.search(r"\b[12] worker\(s\) still running after 5 s", str(failed.value))
     assert not [p for p in bounded.descendants(bounded.os.getpid())
                 if bounded.alive(p) and "multiprocessing" in bounded._cmdline(p)
                 and "resource_tracker" not in bounded._cmdline(p)]
