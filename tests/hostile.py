@@ -222,11 +222,10 @@ def cases() -> list[Case]:
         out.append(Case("exports", f"{fmt}-read-only", [*export, f"{{ro}}/{out_name}",
                                                         *fmt_flags],
                         "the file system is read-only", needs="mount"))
-        if fmt != "onnx":  # (ONNX's export takes seconds before it writes: tests/test_onnx.py)
-            out.append(Case("exports", f"{fmt}-disk-full", [*export, f"{{full}}/{out_name}",
-                                                            *fmt_flags],
-                            f"{out_name}: no space left on device", needs="mount",
-                            untouched=[f"{{full}}/{out_name}"]))
+        out.append(Case("exports", f"{fmt}-disk-full", [*export, f"{{full}}/{out_name}",
+                                                        *fmt_flags],
+                        f"{out_name}: no space left on device", needs="mount",
+                        untouched=[f"{{full}}/{out_name}"]))
     out.append(Case("exports", "npz-disk-full",
                     ["encode", "--model_dir", "{model}", "{tmp}/big.txt", "{full}/out.npz"],
                     "out.npz: no space left on device", needs="mount",

@@ -66,6 +66,20 @@ def test_gpt2_chat_streams_replies_resets_and_quits_at_the_end_of_input(chat_mod
     assert "(the conversation starts over)" in done.stderr
 
 
+def test_chat_finds_a_released_name_as_every_command_does(chat_model, tmp_path, monkeypatch,
+                                                          capsys):
+    """`gpt2 chat 124M` reads models/124M (it resolved MODEL_DIR its own way and refused it)."""
+    import shutil
+
+    shutil.copytree(chat_model, tmp_path / "models" / "124M")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = chat(monkeypatch, capsys, ["124M", "--max_tokens", "3", "--seed", "0"],
+                          "hi\n")
+    assert code == 0, err
+    code, out, err = chat(monkeypatch, capsys, ["355M"], "hi\n")
+    assert code == 1 and "download it with: python download_model.py 355M" in err
+
+
 def test_a_long_history_forgets_its_oldest_turns(chat_model, monkeypatch, capsys):
     lines = "".join(f"{'word ' * 6}{i}\n" for i in range(4))
     code, _, err = chat(monkeypatch, capsys, [str(chat_model), "--max_tokens", "8", "--seed",
