@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
     p.add_argument("--timeout", type=float, default=40)
+    p.add_argument("--only", default="", help="the cases whose surface:name holds this")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_hostile import make_places  # noqa: E402 (the fixtures' own builder)
@@ -315,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         places, cleanup = make_places(Path(root))
         try:
             for case in cases():
-                if case.needs and not places.get("mounted"):
+                if (case.needs and not places.get("mounted")) or \
+                        args.only not in f"{case.surface}:{case.name}":
                     continue
                 got = run_command(case, sys.executable, Path(args.src), places, args.timeout)
                 counts = totals.setdefault(case.surface, [0, 0])
