@@ -21,8 +21,10 @@ parameter filled with the right shape, or loading stops with a one-line error. P
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -52,21 +54,46 @@ def load_config(model_dir: str | os.PathLike) -> GPTConfig:
     raise UserError(f"{model_dir / HPARAMS}: file not found")
 
 
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+_skip = threading.local()          # this thread is building a model to be filled from a file
+_installed: dict[str, object] = {}  # the original torch.nn.init functions, while wrapped
+_users = [0]
+_lock = threading.Lock()
+
+
+def _skipping(original):
+    @functools.wraps(original)
+    def init(tensor, *args, **kwargs):
+        if getattr(_skip, "depth", 0):
+            return tensor
+        return original(tensor, *args, **kwargs)
+    return init
+
+
 @contextlib.contextmanager
 def _uninitialized() -> Iterator[None]:
-    """torch.nn.init's functions do nothing inside the block (as transformers' no_init_weights):
-    a model built on the meta device to be filled from a file needs no initial values, and
-    computing them there runs torch's Python meta kernels, whose first use imports
-    torch._dynamo (over a second of every command's start)."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *a, **k: tensor)
+    """torch.nn.init's functions do nothing in this thread inside the block (as transformers'
+    no_init_weights; other threads keep initialising): a model built on the meta device to be
+    filled from a file needs no initial values, and computing them there runs torch's Python
+    meta kernels, whose first use imports torch._dynamo (over a second of every command's
+    start)."""
+    with _lock:
+        if not _users[0]:
+            for name in _INITS:
+                _installed[name] = getattr(torch.nn.init, name)
+                setattr(torch.nn.init, name, _skipping(_installed[name]))
+        _users[0] += 1
+    _skip.depth = getattr(_skip, "depth", 0) + 1
     try:
         yield
     finally:
-        for name, func in saved.items():
-            setattr(torch.nn.init, name, func)
+        _skip.depth -= 1
+        with _lock:
+            _users[0] -= 1
+            if not _users[0]:
+                for name, original in _installed.items():
+                    setattr(torch.nn.init, name, original)
+                _installed.clear()
 
 
 def meta_model(config: GPTConfig) -> GPT:

@@ -243,7 +243,8 @@ class TrainConfig:
         check=lambda v: None if v > 0 else f"must be > 0 (minutes), got {v!r}",
         metavar="MINUTES")
     # -- outputs
-    print_every: int = flag(1, "Print the loss line every N steps.", group=OUTPUTS,
+    print_every: int = flag(1, "Print the loss line every N steps (the losses are read from "
+                            "the device then, not after every step).", group=OUTPUTS,
                             check=at_least(1), metavar="N")
     keep_checkpoints: int = flag(5, "Keep the newest K model-N checkpoint directories.",
                                  group=OUTPUTS, check=at_least(1), metavar="K")
