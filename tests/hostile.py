@@ -31,15 +31,18 @@ TEMPLATE = """\
 {%- set key = messages[0]['content'] -%}
 {%- if key == 'pow' -%}{{ 9**(9**9) }}
 {%- elif key == 'repeat' -%}{{ 'a' * 10**8 }}
-{%- elif key == 'loops' -%}{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}\
+{%- elif key == 'loops' -%}{% for i in range(60000) %}{% for j in range(60000) %}{{ '' }}\
 {% endfor %}{% endfor %}
 {%- elif key == 'doubling' -%}{% set ns = namespace(s='ab') %}{% for i in range(40) %}\
 {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}
 {%- elif key == 'center' -%}{{ 'a'|center(10**9) }}
 {%- elif key == 'format' -%}{{ '{:>999999999}'.format(1) }}
 {%- elif key == 'recursion' -%}{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}
-{%- elif key == 'generation' -%}{% generation %}{% for i in range(100000) %}{{ 'x' * 100000 }}\
+{%- elif key == 'generation' -%}{% generation %}{% for i in range(60000) %}{{ 'x' * 60000 }}\
 {% endfor %}{% endgeneration %}
+{%- elif key == 'ljust' -%}{{ 'a'.ljust(300000000) }}
+{%- elif key == 'tojson' -%}{{ messages|tojson(indent=10**10) }}
+{%- elif key == 'nested' -%}{% set a = [0] * 4000 %}{% set b = [a] * 4000 %}{{ b }}
 {%- elif key == 'raise' -%}{{ raise_exception('no such role here') }}
 {%- elif key == 'nothing' -%}
 {%- else -%}
@@ -48,7 +51,7 @@ TEMPLATE = """\
 {%- endif -%}
 """
 ATTACKS = ("pow", "repeat", "loops", "doubling", "center", "format", "recursion", "generation",
-           "raise", "nothing")
+           "ljust", "tojson", "nested", "raise", "nothing")
 
 
 @dataclass

@@ -476,6 +476,13 @@ def test_sentencepiece_dir(sp_dir, tmp_path):
     assert enc.encode_ordinary_batch(["ab", "cd"], num_threads=2) == [sp.encode("ab"),
                                                                       sp.encode("cd")]
     assert enc.encode_batch(["a" + EOT]) == [enc.encode("a" + EOT)]
+    # encode_ordinary keeps the literal as text (its bytes), where sentencepiece itself would
+    # match the user-defined piece: a chat message cannot end its turn with it
+    ordinary = enc.encode_ordinary("ab" + EOT + "cd")
+    assert enc.eot_token not in ordinary and sp.encode("ab" + EOT + "cd") != ordinary
+    assert enc.decode(ordinary) == "ab" + EOT + "cd"
+    literal = [sp.piece_to_id(f"<0x{b:02X}>") for b in EOT.encode()]
+    assert any(ordinary[i:i + len(literal)] == literal for i in range(len(ordinary)))
     assert pickle.loads(pickle.dumps(enc)).encode(text) == enc.encode(text)
     # Copying replaces stale BPE files, which load_encoder would otherwise prefer.
     out = tmp_path / "out"

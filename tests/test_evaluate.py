@@ -16,7 +16,7 @@ from gpt2.cli import run
 from gpt2.commands.evaluate import main
 from gpt2.perplexity import evaluate, windows
 from gpt2.io.hf import export_huggingface
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPTConfig
 from helpers import make_model
 
 PROSE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it "

@@ -17,7 +17,7 @@ from gpt2.tokenizer import load_encoder
 from gpt2.commands.export import main
 from gpt2.io.hf import export_huggingface
 from gpt2.io.release import export_release, release_name
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPTConfig
 from gpt2.files.tf_checkpoint import read_tf_checkpoint
 from helpers import make_model
 

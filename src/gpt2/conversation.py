@@ -29,21 +29,35 @@ class ContextTooLong(UserError):
 def prompt_ids(template, encoder, messages: list[dict], n_ctx: int, max_new: int
                ) -> tuple[list[int], int]:
     """The rendered prompt's ids, and how many of the oldest turns were dropped to fit
-    ``n_ctx`` with room for ``max_new`` new tokens (the last is never fed back)."""
+    ``n_ctx`` with room for ``max_new`` new tokens (the last is never fed back).
+
+    The kept history starts with a user's turn (or is the newest message alone); the fewest
+    turns are dropped, found by bisection: a few renders whatever the history's length."""
     room = n_ctx + 1 - max_new
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
-    dropped = 0
-    while True:
-        ids, _ = template.encode(system + turns[dropped:], encoder, add_generation_prompt=True)
-        if len(ids) <= room:
-            return ids, dropped
-        if dropped >= len(turns) - 1:  # the newest message alone does not fit
-            raise ContextTooLong(f"the conversation's last message needs {len(ids)} tokens, but "
-                            f"{room} fit with {max_new} new ones in n_ctx {n_ctx}")
-        dropped += 1
-        while dropped < len(turns) - 1 and turns[dropped]["role"] != "user":
-            dropped += 1  # the kept history starts with a user's turn
+    starts = [0] + [i for i in range(1, len(turns)) if turns[i]["role"] == "user"]
+    if len(turns) > 1 and starts[-1] != len(turns) - 1:
+        starts.append(len(turns) - 1)
+    rendered: dict[int, list[int]] = {}
+
+    def ids(k: int) -> list[int]:  # the prompt without the oldest starts[k] turns
+        if k not in rendered:
+            rendered[k] = template.encode(system + turns[starts[k]:], encoder,
+                                          add_generation_prompt=True)[0]
+        return rendered[k]
+
+    if len(ids(0)) <= room:
+        return ids(0), 0
+    last = len(starts) - 1
+    if len(ids(last)) > room:  # the newest message alone does not fit
+        raise ContextTooLong(f"the conversation's last message needs {len(ids(last))} tokens, "
+                             f"but {room} fit with {max_new} new ones in n_ctx {n_ctx}")
+    low, high = 0, last  # ids(low) does not fit, ids(high) does
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if len(ids(mid)) > room else (low, mid)
+    return ids(high), starts[high]
 
 
 def reply(model: torch.nn.Module, encoder, ids: list[int], max_new: int,

@@ -34,7 +34,6 @@ from .errors import UserError
 from .files.atomic import atomic_write, write_text
 from .io.model_dir import load_model, meta_model
 from .io.tensors import load_safetensors, unwrap
-from .model import GPT
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "lora.json"

@@ -88,7 +88,10 @@ def reading(path: Path, compression: str | None) -> Iterator[None]:
 
 def open_stream(path: Path, compression: str | None) -> tuple[BinaryIO, BinaryIO]:
     """(the decompressed byte stream, the raw file whose ``tell()`` says how far we read)."""
-    raw = open(path, "rb")
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
     if compression is None:
         return raw, raw
     if compression == ".gz":
@@ -160,6 +163,8 @@ def parse_json(text: str | bytes, where: str, what: str = "a JSON record"):
         raise UserError(f"{where}: not UTF-8 text (byte {e.start})") from None
     except RecursionError:
         raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # (an integer of more digits than Python converts)
+        raise UserError(f"{where}: not {what} ({e})") from None
     raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(value):
         raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep")
@@ -189,8 +194,13 @@ def records(path: Path, complete: bool = False) -> Iterator[tuple[object, str]]:
     file (see the module docstring)."""
     kind, compression = file_kind(path)
     if kind == "parquet":
-        table = parquet_file(path).read()
-        for i, row in enumerate(table.to_pylist(), 1):
+        import pyarrow
+
+        try:
+            rows = parquet_file(path).read().to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+        for i, row in enumerate(rows, 1):
             yield row, f"{path}: row {i}"
     elif kind in ("json", "jsonl"):
         stream, raw = open_stream(path, compression)

@@ -184,10 +184,16 @@ def _message_text(content, index: int) -> str:
                    f"messages[{index}].content")
 
 
+MAX_MESSAGES = 2048
+
+
 def chat_messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects",
+                       "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"messages: {len(messages)} of them; at most {MAX_MESSAGES}",
                        "messages")
     out = []
     for i, m in enumerate(messages):
@@ -229,14 +235,25 @@ def parse_chat(body, model_name: str, n_ctx: int, encoder, template) -> Completi
         given = _number({"max_tokens": given}, "max_tokens", None, 0, n_ctx, integer=True)
     if body.get("logprobs"):
         legacy["logprobs"] = top or 0
-    try:  # a long conversation loses its oldest turns, as in gpt2 chat
-        ids, _ = prompt_ids(template, encoder, messages, n_ctx, max(given or 0, 1))
+    # A long conversation loses its oldest turns, as in gpt2 chat: to leave room for
+    # max_tokens, or without it for a reply of min(256, n_ctx / 2) (or, if the newest message
+    # leaves less, what is left); the reply may then take what the context has left.
+    def fitted(reserve: int) -> list[int]:
+        return prompt_ids(template, encoder, messages, n_ctx, reserve)[0]
+
+    try:
+        if given is not None:
+            ids = fitted(max(given, 1))
+        else:
+            try:
+                ids = fitted(min(256, max(n_ctx // 2, 1)))
+            except ContextTooLong:
+                ids = fitted(1)
     except ContextTooLong as e:
         raise ApiError(400, str(e), "max_tokens", code="context_length_exceeded") from None
     except UserError as e:  # the template refused the conversation (raise_exception, a bound)
         raise ApiError(400, f"the chat template cannot render these messages: {e}",
                        "messages") from None
-    # Without max_tokens a reply may take what the context has left (at most 256 tokens).
     legacy["max_tokens"] = given if given is not None else min(256, n_ctx + 1 - len(ids))
     legacy["prompt"] = ids
     req = parse_completion(legacy, model_name, n_ctx, encoder)

@@ -87,7 +87,7 @@ def read_wikitext(path: str | os.PathLike, limit: int | None = None,
             raw = _raw_bytes(path, task)
             text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
-                NotImplementedError) as e:
+                NotImplementedError, RuntimeError) as e:  # (RuntimeError: encrypted)
             raise UserError(f"{path}: not a readable zip ({e}); download it again") from None
         except OSError as e:
             raise UserError(f"{path}: cannot read ({e.strerror or e})") from None

@@ -123,6 +123,7 @@ def _environment():
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.check_callables()
     return env
 
 

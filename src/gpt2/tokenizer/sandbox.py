@@ -14,7 +14,10 @@ mutating what the template is given. What it does not bound, this does:
 - **arithmetic**: ``**``, ``*``, ``+`` and ``%`` refuse results larger than ``int_bits`` bits
   (``9**(9**9)`` would take hours in one C call, and is refused before it starts, also when
   Jinja would fold the constant while compiling) or, for text and lists, ``chars`` characters
-  (``'a' * 10**8``);
+  and items, nested ones counted (``'a' * 10**8``);
+- **calls**: a number given to a filter, test, global or method past ``argument`` (a width
+  or a count: ``'a'.ljust(10**9)``, ``tojson(indent=10**10)``) is refused before the call
+  makes its result;
 - **output**: everything a render writes (its text, blocks it captures, ``~`` joins, filter
   results) is counted, and a render that produces more than ``chars`` characters in all stops.
 
@@ -41,6 +44,7 @@ class Limits:
     seconds: float = 2.0        # wall time of one render
     chars: int = 4 << 20        # characters one render may produce, in all
     int_bits: int = 4096        # the largest integer arithmetic may make
+    argument: int = 1 << 16     # the largest number a call may be given (a width, a count)
 
 
 LIMITS = Limits()
@@ -69,13 +73,20 @@ def _spend(chars: int) -> None:
             raise TemplateLimit(f"the template produces more than {LIMITS.chars:,} characters")
 
 
-def _size(value) -> int:
-    """Characters a value holds: a string's length; a list's or tuple's strings' lengths."""
+def _size(value, seen: dict | None = None) -> int:
+    """Characters and items a value holds: a string's length; a list's, tuple's or dict's
+    items and what they hold, nested ones included (a list repeating one big list counts it
+    every time: that is what printing it costs)."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, (list, tuple)):
-        return len(value) + sum(len(v) for v in value if isinstance(v, str))
-    return 0
+    if not isinstance(value, (list, tuple, dict)):
+        return 0
+    seen = {} if seen is None else seen
+    if id(value) not in seen:
+        seen[id(value)] = 0  # (a list inside itself counts once)
+        items = list(value.items()) if isinstance(value, dict) else value
+        seen[id(value)] = len(items) + sum(_size(v, seen) for v in items)
+    return seen[id(value)]
 
 
 def _checked(value):
@@ -130,9 +141,14 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self, **options):
         super().__init__(**options)
         self.concat = self.join_checked
+        self.check_callables()
+
+    def check_callables(self) -> None:
+        """Wrap every filter, test and global in the checks (call again after adding some)."""
         for table, first in ((self.filters, 1), (self.tests, 1), (self.globals, 0)):
             for name, value in list(table.items()):
-                if callable(value):
+                if callable(value) and not getattr(value, "checked", False) and \
+                        not isinstance(value, type):
                     table[name] = _checking(value, first)
 
     @staticmethod
@@ -177,22 +193,31 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return super().wrap_str_format(value)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (as jinja's own)
+        _check_arguments(getattr(__obj, "__name__", "a call"), args, kwargs)
         return _checked(super().call(__context, __obj, *args, **kwargs))
 
 
+def _check_arguments(name: str, args, kwargs) -> None:
+    """Numbers a call is given are widths and counts: past :data:`LIMITS`' ``argument`` they
+    would make the result (``'a'.ljust(10**9)``, ``tojson(indent=10**10)``) before any check
+    of it could run."""
+    for value in list(args) + list(kwargs.values()):
+        if _int_bits(value) and abs(value) > LIMITS.argument:
+            raise TemplateLimit(f"{name.removeprefix('do_')} given {value:,}: more than "
+                                f"{LIMITS.argument:,}")
+
+
 def _checking(func, first: int):
-    """A filter, test or global refusing arguments (from the ``first``: a filter's value is
-    its own) that are numbers past the text limit (``center(10**9)``), and checking its result
-    against the limits; the attributes Jinja reads to pass it the context are kept."""
+    """A filter, test or global whose numbers are checked (from argument ``first``: a filter's
+    value is its own) and whose result is checked against the limits; the attributes Jinja
+    reads to pass it the context are kept."""
 
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        for value in list(args[first:]) + list(kwargs.values()):
-            if _int_bits(value) and abs(value) > LIMITS.chars:
-                raise TemplateLimit(f"{func.__name__.removeprefix('do_')} of {value:,}: "
-                                    f"more than {LIMITS.chars:,}")
+        _check_arguments(func.__name__, args[first:], kwargs)
         return _checked(func(*args, **kwargs))
 
+    checked.checked = True
     return checked
 
 

@@ -17,9 +17,10 @@ class SentencePieceEncoder:
     """A sentencepiece model behind the same interface as :class:`Encoder`.
 
     ``eot_token`` is the id of a ``<|endoftext|>`` piece if the model has one (train with
-    ``user_defined_symbols=["<|endoftext|>"]``), else the model's eos id. sentencepiece always
-    matches user-defined pieces, so ``encode_ordinary`` cannot keep that text as plain text; and
-    an eos id decodes to nothing. ``model_proto`` (the model's bytes) is loaded instead of
+    ``user_defined_symbols=["<|endoftext|>"]``), else the model's eos id (which decodes to
+    nothing). sentencepiece always matches user-defined pieces: ``encode_ordinary`` keeps that
+    text as text by writing it with the model's byte pieces (byte fallback, our trainer's
+    default). ``model_proto`` (the model's bytes) is loaded instead of
     ``model_file`` when given; pickling uses it.
     """
 
@@ -71,7 +72,33 @@ class SentencePieceEncoder:
         return self._eot
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        """Ids of ``text``, a literal ``<|endoftext|>`` included as text: sentencepiece would
+        match it as the user-defined piece, so it is encoded as a character the vocabulary
+        lacks (byte fallback gives that character's byte pieces), whose pieces are then
+        replaced by the literal's bytes: the same segmentation around it, decoded back
+        exactly."""
+        if self._eot is None or self._eot == self.sp.eos_id() or EOT not in text:
+            return self.sp.encode(text)
+        unk = self.sp.unk_id()
+        stand_in = next((chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text
+                         and self.sp.piece_to_id(chr(c)) == unk), "")
+        literal, marker = self._byte_pieces(EOT), self._byte_pieces(stand_in)
+        if not stand_in or unk in literal + marker:
+            raise UserError(f"{self.model_file}: this sentencepiece model has no byte pieces, so "
+                            "it cannot keep the text <|endoftext|> as text (sentencepiece makes "
+                            "it the special piece); train it with byte fallback")
+        ids, out, i = self.sp.encode(text.replace(EOT, stand_in)), [], 0
+        while i < len(ids):
+            if ids[i:i + len(marker)] == marker:
+                out += literal
+                i += len(marker)
+            else:
+                out.append(ids[i])
+                i += 1
+        return out
+
+    def _byte_pieces(self, text: str) -> list[int]:
+        return [self.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
 
     def encode(self, text: str) -> list[int]:
         if self._eot is None:
