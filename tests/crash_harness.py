@@ -3,12 +3,13 @@ then every run is a fork of this process (no import per run), optionally SIGKILL
 
     python tests/crash_harness.py SPEC.json     # prints one JSON result per run
 
-SPEC: {"cwd": dir, "runs": [{"argv": [...], "kill_step": N, "kill_at": K, "kill_after": s,
-"setup": {"copy": [src, dst]}, "keep": [run_dir, dst]}]}. ``kill_step``/``kill_at``: SIGKILL the run before the
-K-th os.replace/os.fsync/os.rename call of its save of step N (0 counts them, no kill).
-``kill_after``: SIGKILL it after that many seconds; ``kill_within``: after that fraction of the
-first run's time (runs take a fraction of a second: absolute times would miss them). No torch
-work is done before forking.
+SPEC: {"cwd": dir, "runs": [{"argv": [...], "kill_step": N, "kill_at": K, "kill_call": C,
+"setup": {"copy": [src, dst]}, "keep": [run_dir, dst]}]}. ``kill_step``/``kill_at``: SIGKILL
+the run before the K-th os.replace/os.fsync/os.rename call of its save of step N (0 counts
+them, no kill; the result's "calls"). ``kill_call``: SIGKILL it before its C-th call of any of
+those or of a backward pass, anywhere in the run (the result's "all_calls" counts them): a
+point anywhere in the run that a busy machine does not move, as a time would. No torch work is
+done before forking.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import time
 
 from pathlib import Path
 
+import torch
 import torch._dynamo  # noqa: F401 (torch.optim imports it on its first use: once here, not in
 import gpt2.commands.train  # noqa: F401  every forked run, nor gpt2's own lazy imports)
 import gpt2.training.run_dir as run_dir
 from gpt2.cli import main
 from gpt2.files.paths import follow_run_dir
 
-STATE = {"active": False, "n": 0, "target": -1, "kill_at": 0}
+STATE = {"active": False, "n": 0, "target": -1, "kill_at": 0, "all": 0, "kill_call": 0}
 _save = run_dir.RunDir.save
 
 
@@ -42,6 +44,9 @@ def _watched(self, step, *a, **k):
 
 def _counted(real):
     def call(*a, **k):
+        STATE["all"] += 1
+        if STATE["all"] == STATE["kill_call"]:
+            os.kill(os.getpid(), signal.SIGKILL)
         if STATE["active"]:
             STATE["n"] += 1
             if STATE["n"] == STATE["kill_at"]:
@@ -51,7 +56,8 @@ def _counted(real):
 
 
 def child(run: dict, report: int) -> None:
-    STATE.update(target=run.get("kill_step", -1), kill_at=run.get("kill_at", 0))
+    STATE.update(target=run.get("kill_step", -1), kill_at=run.get("kill_at", 0),
+                 kill_call=run.get("kill_call", 0))
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
@@ -59,11 +65,12 @@ def child(run: dict, report: int) -> None:
     try:
         code = main(["train", *run["argv"]])
     finally:
-        os.write(report, json.dumps({"code": code, "calls": STATE["n"]}).encode())
+        os.write(report, json.dumps({"code": code, "calls": STATE["n"],
+                                     "all_calls": STATE["all"]}).encode())
         os._exit(code)
 
 
-def one(run: dict, first: float | None) -> dict:
+def one(run: dict) -> dict:
     for src, dst in [run["setup"]["copy"]] if "setup" in run else []:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
@@ -74,9 +81,6 @@ def one(run: dict, first: float | None) -> dict:
         child(run, write)
     os.close(write)
     start = time.time()
-    if "kill_after" in run or "kill_within" in run:
-        time.sleep(run.get("kill_after") or run["kill_within"] * first)
-        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     out = os.read(read, 4096)
     os.close(read)
@@ -96,10 +100,8 @@ if __name__ == "__main__":
     run_dir.RunDir.save = _watched
     os.replace, os.fsync, os.rename = (_counted(os.replace), _counted(os.fsync),
                                        _counted(os.rename))
+    torch.autograd.backward = _counted(torch.autograd.backward)
     spec = json.loads(open(sys.argv[1]).read())
     os.chdir(spec["cwd"])
-    first = None
     for run in spec["runs"]:
-        result = one(run, first)
-        first = first or result["seconds"]
-        print(json.dumps(result), flush=True)
+        print(json.dumps(one(run)), flush=True)

@@ -13,7 +13,7 @@ from gpt2.commands.encode import main as encode_main
 from gpt2.commands.export import main as export_main
 from gpt2.commands.generate import main as generate_main
 from gpt2.commands.train import main as train_main
-from gpt2.files.atomic import atomic_write, write_text
+from gpt2.files.atomic import WriteError, atomic_write, write_error, write_text
 from gpt2.tokenizer.train import train_tokenizer
 from test_train import args, make_model_dir, synthetic_text
 
@@ -48,6 +48,26 @@ def test_the_atomic_helpers_give_the_umask_mode(tmp_path):
     os.umask(0o022)
     shared = {n: m for n, m in modes(tmp_path).items() if n != "private.txt"}
     assert set(shared.values()) == {0o644}
+
+
+def test_a_write_error_names_the_target_only_when_it_is_about_the_target(tmp_path):
+    """An error writing the target, its temporary name, a file inside it or a directory made
+    on the way names the target; one about another file (a source that cannot be read) is
+    left as it is, not blamed on where the output goes."""
+    import errno
+
+    out = tmp_path / "out" / "model"
+    about = [None, out, tmp_path / "out" / ".model.tmp-12-0a1b2c3d" / "model.safetensors",
+             out / "hparams.json", tmp_path / "out", tmp_path]
+    for name in about:
+        error = write_error(PermissionError(errno.EACCES, "Permission denied", name), out)
+        assert isinstance(error, WriteError) and error.path == out, name
+        assert "permission denied" in str(error)
+    for name in (tmp_path / "models" / "124M" / "model.ckpt", tmp_path / "out" / "model2",
+                 tmp_path / "out" / ".other.tmp-12-0a1b2c3d"):
+        assert write_error(PermissionError(errno.EACCES, "Permission denied", name), out) is None
+    full = OSError(errno.ENOSPC, "No space left on device")  # (a write to an open file)
+    assert write_error(full, out).no_space
 
 
 def test_training_encoding_export_and_generation_write_shared_files(tmp_path):

@@ -148,9 +148,13 @@ def test_layers_import_downwards_only():
            for name in mods if _layer(name) not in rank]
     for name, path in mods.items():
         targets = [(t, line) for t, names, line in imports(name, path)]
+        # (`from .. import training` imports the module gpt2.training)
+        targets += [(f"{t}.{n}", line) for t, names, line in imports(name, path)
+                    for n in names if f"{t}.{n}" in mods]
         targets += [(n.args[0].value, n.lineno) for n in ast.walk(tree(path))
-                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                    and n.func.attr == "import_module" and n.args
+                    if isinstance(n, ast.Call) and n.args
+                    and "import_module" in (getattr(n.func, "attr", None),
+                                            getattr(n.func, "id", None))
                     and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)]
         for target, line in targets:
             if not (target == "gpt2" or target.startswith("gpt2.")) or _layer(target) not in rank:

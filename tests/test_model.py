@@ -73,6 +73,42 @@ def test_dtype_and_device(tiny_config, tmp_path):
     assert gpt2.load_model(tmp_path, device="cpu", dtype=torch.float16).ln_f.bias.dtype == torch.float16
 
 
+def test_a_meta_model_skips_initial_values_in_its_own_thread_only(tiny_config, monkeypatch):
+    """meta_model builds without computing initial values; a model another thread builds
+    meanwhile is initialised as usual, and so is one built afterwards."""
+    import threading
+
+    import gpt2.io.model_dir as model_dir
+
+    inside, done, seen = threading.Event(), threading.Event(), {}
+    real = model_dir.GPT
+
+    def held(config):  # the meta model's thread waits inside, in the middle of its build
+        inside.set()
+        assert done.wait(30)
+        return real(config)
+
+    def other():
+        assert inside.wait(30)
+        seen["other"] = torch.nn.init.ones_(torch.zeros(3)).tolist()
+        done.set()
+
+    monkeypatch.setattr(model_dir, "GPT", held)
+    thread = threading.Thread(target=other)
+    thread.start()
+    with model_dir._uninitialized():
+        seen["inside"] = torch.nn.init.ones_(torch.zeros(3)).tolist()
+        model = model_dir.meta_model(tiny_config)
+    thread.join(30)
+    assert seen == {"inside": [0.0, 0.0, 0.0], "other": [1.0, 1.0, 1.0]}
+    assert model.wte.weight.is_meta
+    assert torch.nn.init.ones_(torch.zeros(3)).tolist() == [1.0, 1.0, 1.0]
+    torch.manual_seed(0)
+    a = GPT(tiny_config).wte.weight
+    torch.manual_seed(0)
+    assert a.std() > 0 and torch.equal(a, GPT(tiny_config).wte.weight)
+
+
 @pytest.mark.parametrize("split", [1, 5, 31])
 def test_kv_cache_equals_full_recompute(tiny_config, split):
     torch.manual_seed(1)
@@ -103,6 +139,9 @@ def test_too_long_input_is_an_error(tiny_config):
     model = GPT(tiny_config)
     with pytest.raises(ValueError, match="n_ctx"):
         model(torch.zeros(1, tiny_config.n_ctx + 1, dtype=torch.long))
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="positions do not apply"):  # (segments set them)
+        model(tokens, segments=torch.zeros_like(tokens), positions=torch.arange(4)[None])
 
 
 @pytest.mark.parametrize("bad", [

@@ -59,8 +59,9 @@ def run(func, argv: list[str] | None = None) -> int:
         previous = None
     try:
         return int(func(argv) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # one line, whatever a library's message it quotes holds
+        lines = (line.strip() for line in str(e).splitlines())
+        print("error: " + " ".join(line for line in lines if line), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

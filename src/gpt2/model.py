@@ -278,9 +278,9 @@ class GPT(nn.Module):
         B, T = tokens.shape
         past_len = 0 if past is None else past[0][0].size(2)
         if segments is not None:
-            if past is not None or key_mask is not None:
-                raise ValueError("segments= packs whole sequences: past and key_mask do not "
-                                 "apply to it")
+            if past is not None or key_mask is not None or positions is not None:
+                raise ValueError("segments= packs whole sequences: past, key_mask and "
+                                 "positions do not apply to it")
             positions, mask = _segment_layout(segments)
         elif key_mask is None and positions is None:
             if past_len + T > self.config.n_ctx:

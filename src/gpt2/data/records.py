@@ -121,7 +121,7 @@ def parquet_file(path: Path):
     try:
         return pq.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+        raise UserError(f"{path}: not a readable parquet file ({str(e).strip()})") from None
 
 
 def _too_deep(obj) -> bool:
@@ -199,7 +199,7 @@ def records(path: Path, complete: bool = False) -> Iterator[tuple[object, str]]:
         try:
             rows = parquet_file(path).read().to_pylist()
         except (pyarrow.ArrowException, OSError) as e:
-            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+            raise UserError(f"{path}: not a readable parquet file ({str(e).strip()})") from None
         for i, row in enumerate(rows, 1):
             yield row, f"{path}: row {i}"
     elif kind in ("json", "jsonl"):

@@ -198,7 +198,8 @@ def _parquet_segments(part: Part, opts: ReadOptions) -> Iterator[Segment]:
         try:
             column = pf.read_row_group(group, columns=[opts.text_field]).column(0)
         except (pyarrow.ArrowException, OSError) as e:
-            raise UserError(f"{part.path}: row group {group} is unreadable ({e})") from None
+            raise UserError(f"{part.path}: row group {group} is unreadable "
+                            f"({str(e).strip()})") from None
         if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)):
             raise UserError(f"{part.path}: row {row + 1}: column {opts.text_field!r} holds "
                             f"{column.type}, not text")

@@ -127,6 +127,8 @@ def write_error(e: BaseException, path: str | os.PathLike,
         needed = needed or e.needed
         return WriteError(path, _no_space(path, needed) if e.no_space else e.reason, e.no_space,
                           needed)
+    if isinstance(e, OSError) and not _concerns(e, path):
+        return None  # (another file's trouble, reading a source say: its own message)
     if is_no_space(e):
         return WriteError(path, _no_space(path, needed), True, needed)
     if not isinstance(e, OSError):
@@ -142,6 +144,25 @@ def write_error(e: BaseException, path: str | os.PathLike,
     if e.errno in reasons:
         return WriteError(path, reasons[e.errno])
     return None
+
+
+def _concerns(e: OSError, path: Path) -> bool:
+    """Whether ``e`` is about writing ``path``: it names no file (a write to an open file), or
+    ``path``, a directory above it (made on the way), or something in or under ``path`` or
+    one of its temporary names beside it."""
+    names = [n for n in (e.filename, e.filename2) if n is not None]
+    if not names:
+        return True
+    target = Path(os.path.abspath(path))
+    for name in names:
+        p = Path(os.path.abspath(os.fsdecode(name)))
+        if p in target.parents:
+            return True
+        for q in (p, *p.parents):
+            if q == target or (q.parent == target.parent
+                               and q.name.startswith(f".{target.name}{TMP_MARK}")):
+                return True
+    return False
 
 
 def publish(tmp: Path, path: Path, durable: bool = True) -> None:

@@ -55,9 +55,7 @@ def load_config(model_dir: str | os.PathLike) -> GPTConfig:
 
 
 _INITS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
-_skip = threading.local()          # this thread is building a model to be filled from a file
-_installed: dict[str, object] = {}  # the original torch.nn.init functions, while wrapped
-_users = [0]
+_skip = threading.local()  # this thread is building a model to be filled from a file
 _lock = threading.Lock()
 
 
@@ -67,6 +65,7 @@ def _skipping(original):
         if getattr(_skip, "depth", 0):
             return tensor
         return original(tensor, *args, **kwargs)
+    init._gpt2_skipping = True
     return init
 
 
@@ -76,24 +75,18 @@ def _uninitialized() -> Iterator[None]:
     no_init_weights; other threads keep initialising): a model built on the meta device to be
     filled from a file needs no initial values, and computing them there runs torch's Python
     meta kernels, whose first use imports torch._dynamo (over a second of every command's
-    start)."""
+    start). The wrappers are installed once and stay (outside a block they call through), so
+    no thread ever puts back a function another replaced meanwhile."""
     with _lock:
-        if not _users[0]:
-            for name in _INITS:
-                _installed[name] = getattr(torch.nn.init, name)
-                setattr(torch.nn.init, name, _skipping(_installed[name]))
-        _users[0] += 1
+        for name in _INITS:
+            original = getattr(torch.nn.init, name)
+            if not getattr(original, "_gpt2_skipping", False):
+                setattr(torch.nn.init, name, _skipping(original))
     _skip.depth = getattr(_skip, "depth", 0) + 1
     try:
         yield
     finally:
         _skip.depth -= 1
-        with _lock:
-            _users[0] -= 1
-            if not _users[0]:
-                for name, original in _installed.items():
-                    setattr(torch.nn.init, name, original)
-                _installed.clear()
 
 
 def meta_model(config: GPTConfig) -> GPT:

@@ -51,6 +51,7 @@ from .state import read_optimizer, restore_rngs, rng_state, seed_globals
 from .tensorboard import TensorBoardLog
 
 MAX_NONFINITE = 10  # consecutive skipped steps before giving up
+STOP_CHECK_EVERY = 10  # distributed ranks agree on a stop (a collective, a device wait) this often
 
 
 class StopRequest:
@@ -165,6 +166,8 @@ class Unsettled:
         if not self.steps:
             return []
         losses = torch.stack([loss.float() for _, loss, *_ in self.steps]).tolist()  # one wait
+        # The device finished the last step only now: its end, and the pace, count from here.
+        self.steps[-1] = (*self.steps[-1][:4], time.time())
         first, last = self.steps[0][3], self.steps[-1][4]
         pace = self.tokens * len(self.steps) / max(last - first, 1e-9)
         records = []
@@ -304,7 +307,8 @@ class Trainer:
                 self.measure({"step": 0, "tokens": 0}, stop, bool(self.validation),
                              bool(cfg.eval_every))
             # Until --max_steps, or a stop that any rank saw (all stop at the same step; a
-            # single process looks at every step, ranks agree where they settle).
+            # single process looks at every step, ranks agree where they settle: at least
+            # every STOP_CHECK_EVERY steps).
             while cfg.max_steps is None or progress.step < cfg.max_steps:
                 if (not dist.enabled or not steps.steps) and \
                         distributed.broadcast_flag(stop.requested, dist):
@@ -324,6 +328,7 @@ class Trainer:
                 save = bool(cfg.save_every and step % cfg.save_every == 0)
                 if not (validate or evals or sample or save or last
                         or (stop.requested and not dist.enabled)
+                        or (dist.enabled and step % STOP_CHECK_EVERY == 0)
                         or step % cfg.print_every == 0):
                     continue
                 # The losses so far, printed and recorded; validation, samples and
@@ -333,8 +338,11 @@ class Trainer:
                     self.write_metrics(record)
                 if records and records[-1]["step"] == step:
                     self.measure(records[-1], stop, validate, evals)
-                elif records:
-                    self.write_metrics(records[-1])
+                else:  # this step's loss was not finite: measured without one
+                    if records:
+                        self.write_metrics(records[-1])
+                    self.measure({"step": step, "tokens": progress.tokens}, stop, validate,
+                                 evals)
                 if sample:
                     self.write_samples()
                 if save:
@@ -376,7 +384,8 @@ class Trainer:
 
     def measure(self, record: dict, stop: StopRequest, validate: bool, evals: bool) -> None:
         """The validation loss and the benchmarks when due, into ``record``, which is then
-        written (at step 0 only if something was measured). A stop during either pass
+        written (without a loss, at step 0 or a skipped update, only if something was
+        measured). A stop during either pass
         leaves the rest out."""
         measured = False
         if validate:
@@ -393,7 +402,7 @@ class Trainer:
                          ", ".join(f"{k} = {v:.4f}" for k, v in scores.items()))
                 record.update(scores)
                 measured = True
-        if record["step"] == 0:
+        if "loss" not in record:  # the starting point, or a skipped update
             if not measured:
                 return
             record["elapsed"] = self.progress.now()
