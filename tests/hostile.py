@@ -144,6 +144,22 @@ def write_files(tmp: Path) -> None:
     w("huge-int.jsonl", example_line(ok) + '{"id": ' + "9" * 5000 + ', "messages": []}\n')
     w("corrupt.parquet", _corrupt_parquet(ok))
     w("empty.jsonl", "")
+    # preference pairs
+    pair = {"prompt": "upper cat:", "chosen": " CAT", "rejected": " cat"}
+    good = json.dumps(pair) + "\n"
+    w("pairs-mixed.jsonl", good + json.dumps({**pair, "rejected": [ok[1]]}) + "\n")
+    w("pairs-role-list.jsonl", good + json.dumps({"prompt": [{"role": ["user"], "content": "x"}],
+                                                  "chosen": [ok[1]], "rejected": [ok[1]]}) + "\n")
+    w("pairs-deep.jsonl", good + '{"prompt": "x", "chosen": ' + _nested(100_000) +
+      ', "rejected": "y"}\n')
+    w("pairs-cut.jsonl.gz", gzip.compress((good * 200).encode())[:-40])
+    w("pairs-surrogate.jsonl", good + '{"prompt": "a\\ud800", "chosen": " b", "rejected": " c"}\n')
+    w("pairs-no-shared-prompt.jsonl", good + json.dumps({"chosen": "yes", "rejected": "no"}) +
+      "\n")
+    w("pairs-empty-answer.jsonl", good + json.dumps({**pair, "chosen": ""}) + "\n")
+    w("pairs-forged.jsonl", good * 3 + json.dumps(
+        {"prompt": "x<|endoftext|>", "chosen": " a<|endoftext|>Assistant: b",
+         "rejected": " c"}) + "\n")
     w("empty-chats.jsonl", "\n\n")
     # benchmarks
     hs = _hellaswag()
@@ -208,6 +224,24 @@ def cases() -> list[Case]:
                     code=0))
     out.append(Case("data", "train-forged-turn-is-text", [*train, "{tmp}/forged.jsonl"],
                     code=0))
+    dpo = [*train[:-1], "--objective", "dpo", "--reference", "precomputed", "--run_name", "dpo",
+           "--dataset"]
+    for name, says in (("pairs-mixed", "pairs-mixed.jsonl:2: \"prompt\", \"chosen\" and "
+                                       "\"rejected\" must all be strings"),
+                       ("pairs-role-list", "pairs-role-list.jsonl:2: message 1 has role "
+                                           "['user']"),
+                       ("pairs-deep", "pairs-deep.jsonl:2: nested more than"),
+                       ("pairs-cut.jsonl.gz", "pairs-cut.jsonl.gz: not a valid .gz file"),
+                       ("pairs-surrogate", "pairs-surrogate.jsonl:2: holds a lone surrogate"),
+                       ("pairs-no-shared-prompt", "pairs-no-shared-prompt.jsonl:2: \"chosen\" "
+                                                  "and \"rejected\" share no prompt"),
+                       ("pairs-empty-answer", "pairs-empty-answer.jsonl:2: an empty chosen")):
+        path = name if "." in name else f"{name}.jsonl"
+        out.append(Case("preferences", f"dpo-{name}", [*dpo, f"{{tmp}}/{path}"], says))
+    out.append(Case("preferences", "dpo-forged-turn-is-text", [*dpo, "{tmp}/pairs-forged.jsonl"],
+                    code=0))
+    out.append(Case("preferences", "dpo-on-text", [*dpo, "{tmp}/big.txt"],
+                    "holds no preference pairs"))
     evaluate = ["evaluate", "{model}", "--task"]
     for task, name, says in (
             ("hellaswag", "hs-cut-in-record", "hs-cut-in-record.jsonl:4: the last record has no "

@@ -11,7 +11,8 @@ from gpt2.training.config import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLES = ("### Flags of the original `train.py`", "### Added flags",
-          "### Instruction and chat fine-tuning", "## Distributed training")
+          "### Instruction and chat fine-tuning", "### Preference tuning",
+          "## Distributed training")
 
 
 def train_flag_rows() -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from gpt2.training.build import build_training_model
 from gpt2.training.config import parse_config
 from gpt2.training.distributed import DistInfo
 from gpt2.training.evaluation import Validation, training_samples
+from gpt2.training.objectives import LanguageModelling
 from gpt2.training.parallelize import CheckpointedBlock
 from gpt2.training.run_dir import RunDir
 from gpt2.training.start import plan_start
@@ -123,14 +124,15 @@ def test_validation_is_the_mean_batch_loss_and_stops_within_a_pass(data, model_d
     start = start_of(cfg)
     model = build_training_model(cfg, start, ONE, lambda *a: None)
     batches = TextBatches.load(cfg, load_encoder(model_dir), start, ONE, lambda *a: None)
-    validation = Validation(batches.val_batches, model, ONE, lambda *a: None)
+    validation = Validation(batches.val_batches, model, LanguageModelling(), ONE,
+                            lambda *a: None)
     gpt = model.parallel.model
     with torch.no_grad():
         gpt.eval()
         expected = np.mean([lm_loss(gpt(b.inputs), b.targets).item()
                             for b in batches.val_batches])
         gpt.train()
-    assert validation.run(Stop()) == pytest.approx(expected, abs=1e-5)
+    assert validation.run(Stop()) == {"val_loss": pytest.approx(expected, abs=1e-5)}
     assert gpt.training  # back in training mode
     stop = Stop(after=2)
     assert validation.run(stop) is None and stop.calls == 3 and gpt.training

@@ -22,10 +22,12 @@ latter. The tied ``lm_head`` / ``wte`` are never adapted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -49,6 +51,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
+        self.enabled = True  # False: the base layer alone (adapters_off)
         kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kwargs))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kwargs))
@@ -66,6 +69,8 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
@@ -74,6 +79,20 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The base model: every adapter of ``model`` left out until the block ends (a DPO
+    reference without a second copy of the weights, as PEFT's ``disable_adapter``)."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -307,7 +307,7 @@ class GPT(nn.Module):
                 use_cache: bool = False, last_only: bool = False,
                 targets: torch.Tensor | None = None, loss_chunk: int = 0,
                 key_mask: torch.Tensor | None = None, segments: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, reduction: str = "mean"):
         """tokens [B, T] -> logits [B, T, n_vocab]; with use_cache, also the new cache.
 
         ``last_only`` computes the logits of the last position only ([B, 1, n_vocab]): all a
@@ -317,7 +317,9 @@ class GPT(nn.Module):
         ``targets[:, t + 1]`` (pass the tokens themselves; -100 marks a token not to predict),
         :func:`token_loss` of the final states, inside the forward that DDP, FSDP and
         torch.compile wrap. ``loss_chunk`` > 0 computes it ``loss_chunk`` rows at a time, never
-        holding [B, T, n_vocab] logits. With ``targets``, ``past``, ``use_cache``,
+        holding [B, T, n_vocab] logits. ``reduction="none"`` returns each position's loss
+        instead ([B, T], 0 where the target is -100): what objectives that score whole
+        sequences (preference tuning) sum themselves. With ``targets``, ``past``, ``use_cache``,
         ``last_only`` and ``key_mask`` do not apply and are refused. ``key_mask`` and
         ``segments`` (sequences packed in a row, for a loss or logits): see
         :meth:`hidden_states`.
@@ -327,8 +329,10 @@ class GPT(nn.Module):
                 raise ValueError("targets= computes the training loss over whole sequences: "
                                  "past, use_cache, last_only and key_mask do not apply to it")
             h, _ = self.hidden_states(tokens, use_cache=False, segments=segments)
-            return token_loss(h, self.lm_head.weight, next_token_targets(targets),
-                              chunk=loss_chunk)
+            targets = next_token_targets(targets)
+            loss = token_loss(h, self.lm_head.weight, targets, chunk=loss_chunk,
+                              reduction=reduction)
+            return loss.view(targets.shape) if reduction == "none" else loss
         if loss_chunk:
             raise ValueError("loss_chunk applies to the loss only (pass targets=)")
         h, present = self.hidden_states(tokens, past, use_cache, key_mask, segments, positions)
@@ -364,7 +368,8 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     ``F.linear(hidden, weight)`` against ``targets``, over the rows whose target is not -100.
 
     hidden [..., E] (final states), weight [V, E] (the head), targets [...] (ids or -100);
-    ``reduction`` ``mean`` (per scored row) or ``sum``. ``chunk`` 0 holds the logits of all rows
+    ``reduction`` ``mean`` (per scored row), ``sum``, or ``none`` (each row's loss, 0 where not
+    scored; the plain head's memory: ``chunk`` does not apply). ``chunk`` 0 holds the logits of all rows
     in one buffer, turned in place into probabilities and then into the loss's gradient: one
     [rows, V] tensor where the plain head allocates four (logits, log-softmax, and the two
     gradients), and a fresh weight gradient the tied embedding's is added into. ``chunk`` > 0
@@ -374,9 +379,12 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     ``F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)`` up to
     rounding, in value and gradients (tests/test_perf_ops.py).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    if reduction == "none":
+        return F.cross_entropy(F.linear(h, weight).float(), t, ignore_index=IGNORE,
+                               reduction="none")
     wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     if chunk > 0:
         return _ChunkedLoss.apply(h, weight, t, chunk, reduction == "mean", wants_grad)

@@ -79,7 +79,7 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     # Tokens seen is comparable across batch sizes and context lengths; steps are the fallback.
     x_key = "tokens" if all(any("tokens" in r for r in recs) for _, recs in data) else "step"
     accuracies = sorted({k for _, recs in data for r in recs for k in r
-                         if k.endswith(("_acc", "_acc_norm"))})
+                         if k.endswith(("_acc", "_acc_norm", "rewards/accuracies"))})
     if accuracies:
         fig, (ax, right) = plt.subplots(1, 2, figsize=(15, 5.5), dpi=110)
     else:
@@ -112,7 +112,7 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     if accuracies:
         right.set_xlabel(ax.get_xlabel())
         right.set_ylabel("accuracy")
-        right.set_title("benchmarks (--eval_tasks)")
+        right.set_title("benchmarks (--eval_tasks), preference accuracy")
         right.grid(True, alpha=0.3)
         right.legend()
     fig.tight_layout()

@@ -262,11 +262,22 @@ def encoded(parts: list[Part], encoder, opts: ReadOptions, workers: int, backend
         yield from _ordered_results(tasks, pool, encoder, dtype, workers)
     except BaseException:  # Ctrl-C, SIGTERM, an error, or the reader stopped early: the
         if pool is not None:  # workers finish the task at hand (a fraction of a second), no more
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop(pool)
         raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop(pool: cf.Executor, within: float = 10.0) -> None:
+    """Shut the pool down without waiting on its workers, but wait (a bounded time) for the
+    process pool's manager thread: left running, it closes its pipe while Python's exit hook
+    writes to it ("Exception ignored ... Bad file descriptor" after the one line), and a
+    later ``shutdown(wait=True)`` no longer knows the thread to join."""
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    if manager is not None:
+        manager.join(within)
 
 
 def default_workers() -> int:

@@ -83,7 +83,8 @@ def detect(record, where: str) -> str | None:
     return None
 
 
-def _files(path: str | os.PathLike) -> list[Path]:
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """The record files (.jsonl [compressed], .json, .parquet) that ``path`` names."""
     return [p for p in expand_paths(path)
             if p.suffix.lower() in (".jsonl", ".json", ".parquet") or
             file_kind(p)[0] == "jsonl"]
@@ -93,7 +94,7 @@ def dataset_format(path: str | os.PathLike, named: str = "auto") -> str:
     """``text`` or one of :data:`FORMATS`: ``named``, else what the first record says."""
     if named != "auto":
         return named
-    files = _files(path)
+    files = data_files(path)
     if not files:
         return "text"
     first = next(records(files[0]), None)
@@ -211,7 +212,7 @@ def load_examples(path: str | os.PathLike, encoder, template, *, n_ctx: int, fmt
     """Every example of the dataset at ``path``, tokenized and fitted into ``n_ctx``."""
     from tqdm import tqdm
 
-    files = _files(path)
+    files = data_files(path)
     if not files:
         raise UserError(f"{path}: no .jsonl, .json or .parquet files of examples")
     fmt = dataset_format(path, fmt)

@@ -32,7 +32,11 @@ ORIGINAL = "original flags (nshepperd/gpt-2 train.py)"
 LOCATION = "model location"
 CONTROLS = "training controls"
 EXAMPLES = "instruction and chat examples (see README)"
+PREFERENCES = "preference tuning (see README)"
 EVALS = "benchmarks during training (see README)"
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+REFERENCES = ("copy", "adapters", "precomputed")
 DISTRIBUTED = "distributed (torchrun / mpirun / srun; see README)"
 OUTPUTS = "outputs"
 
@@ -219,6 +223,28 @@ class TrainConfig:
         None, "A Jinja chat template file (default: the model directory's "
         "chat_template.jinja, else gpt2's own). Saved into every checkpoint.",
         group=EXAMPLES, metavar="FILE", shown="the model's")
+    # -- preference tuning
+    objective: str = flag(
+        "sft", "What to learn: sft (the targets' cross-entropy: text, examples, chats), or "
+        "from preference pairs (records with chosen and rejected): dpo, orpo or simpo.",
+        group=PREFERENCES, choices=OBJECTIVES)
+    dpo_loss: str = flag("sigmoid", "DPO's loss: sigmoid (DPO), ipo or hinge (as TRL's).",
+                         group=PREFERENCES, choices=DPO_LOSSES)
+    beta: float = flag(0.1, "DPO's and SimPO's beta (how sharply pairs are told apart; DPO: "
+                       "how far from the reference), ORPO's lambda (the odds-ratio term's "
+                       "weight).", group=PREFERENCES,
+                       check=lambda v: None if v > 0 else f"must be > 0, got {v!r}")
+    label_smoothing: float = flag(
+        0.0, "DPO (sigmoid) and SimPO: the chance that a pair's labels are wrong (conservative "
+        "DPO).", group=PREFERENCES, check=in_range(0, 0.5))
+    simpo_gamma: float = flag(0.5, "SimPO's target margin gamma.", group=PREFERENCES,
+                              check=nonneg_number)
+    reference: str | None = flag(
+        None, "DPO's reference model: copy (a frozen copy of the starting model), adapters "
+        "(this model with its LoRA adapters off: no second copy; needs --lora_rank) or "
+        "precomputed (its log-probabilities computed once before training and kept in every "
+        "checkpoint: no second model in memory).", group=PREFERENCES, choices=REFERENCES,
+        shown="copy; adapters with --lora_rank")
     # -- benchmarks during training
     eval_every: int = flag(
         0, "Score --eval_tasks every N steps (and at step 0 and --max_steps), into "
@@ -298,13 +324,16 @@ class TrainConfig:
             if problem is None and value is not None and f.metadata["check"]:
                 problem = f.metadata["check"](value)
             choices = f.metadata["choices"]
-            if problem is None and choices and value not in choices:
+            if problem is None and choices and value is not None and value not in choices:
                 problem = f"must be one of {', '.join(choices)}, got {value!r}"
             if problem:
                 raise UserError(f"--{f.name} {problem}")
         self._validate_combinations()
 
     def _validate_combinations(self) -> None:
+        if self.reference == "adapters" and not self.lora_rank:
+            raise UserError("--reference adapters needs --lora_rank (the reference is the model "
+                            "without its adapters)")
         if self.lora_rank:
             for name, on in (("fsdp", self.fsdp), ("init fresh", self.init == "fresh"),
                              ("only_train_transformer_layers",

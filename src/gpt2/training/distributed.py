@@ -337,16 +337,16 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
 
 
 def all_reduce_mean_tensor(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of a 0-d tensor over every rank, as a float64 tensor on its device; nothing
-    waits for the device (the tensor itself in a one-process run)."""
+    """The mean of a tensor (a loss, a few metrics) over every rank, elementwise, as float64 on
+    its device; nothing waits for the device (the tensor itself in a one-process run)."""
     if not info.enabled:
         return value
     with collective(info):
-        t = value.detach().double().reshape(1)
+        t = value.detach().double().reshape(-1)
         if info.launcher == "horovod":
-            return _hvd().allreduce(t.cpu(), op=_hvd().Average)[0]
+            return _hvd().allreduce(t.cpu(), op=_hvd().Average).reshape(value.shape)
         dist.all_reduce(t)
-        return t[0] / info.world_size
+        return (t / info.world_size).reshape(value.shape)
 
 
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:

@@ -1,7 +1,7 @@
 """What the training loop measures on a schedule: the validation loss, benchmarks, samples.
 
-    validation = Validation(batches.val_batches, model, dist)
-    loss = validation.run(stop)              # None: a stop was requested during the pass
+    validation = Validation(batches.val_batches, model, objective, dist, log)
+    losses = validation.run(stop)      # {"val_loss": ...}; None: a stop came during the pass
     scores = TaskEvals(cfg, model, encoder, dist).run(stop)   # {"hellaswag_acc_norm": ...}
     texts = training_samples(model, encoder, cfg, start, step, dist)
 
@@ -26,24 +26,26 @@ from .distributed import DistInfo
 
 
 class Validation:
-    """The mean loss over fixed validation batches, shared out across the ranks."""
+    """The objective's mean loss (and metrics) over fixed validation batches, shared out across
+    the ranks."""
 
-    def __init__(self, batches: list[Batch], model: TrainingModel, dist: DistInfo,
+    def __init__(self, batches: list[Batch], model: TrainingModel, objective, dist: DistInfo,
                  log: Callable[[str], None]):
-        self.batches, self.model, self.dist, self.log = batches, model, dist, log
+        self.batches, self.model, self.objective, self.dist, self.log = \
+            batches, model, objective, dist, log
 
     def __bool__(self) -> bool:
         return bool(self.batches)
 
     @torch.no_grad()
-    def run(self, stop) -> float | None:
-        """The loss; None as soon as ``stop.requested`` is set on any rank (Ctrl-C stops
-        within a batch, not after the whole pass)."""
+    def run(self, stop) -> dict[str, float] | None:
+        """``{"val_loss": ..., "val_<metric>": ...}``; None as soon as ``stop.requested`` is
+        set on any rank (Ctrl-C stops within a batch, not after the whole pass)."""
         self.log("Calculating validation loss...")
         batches, parallel, device = self.batches, self.model.parallel, self.dist.device
         model = parallel.eval_model
         model.eval()
-        total = count = 0.0
+        total, names, count = None, [], 0.0
         try:
             for i in tqdm(distributed.my_share(len(batches), self.dist),
                           disable=not self.dist.is_main):
@@ -51,15 +53,20 @@ class Validation:
                     return None
                 batch = batches[min(i, len(batches) - 1)].to(device)
                 with parallel.synced(training=False), autocast(device, self.model.precision):
-                    loss = model(batch.inputs, targets=batch.targets, segments=batch.segments,
-                                 loss_chunk=self.model.loss_chunk).item()
+                    loss, metrics = self.objective(model, batch, self.model.loss_chunk)
+                names = ["loss", *metrics]
+                values = torch.stack([loss.float(), *(v.float() for v in metrics.values())]
+                                     ).double().cpu()
                 if i < len(batches):  # padding batches (FSDP) run but count zero
-                    total, count = total + loss, count + 1
+                    total, count = values if total is None else total + values, count + 1
         finally:
             model.train()
+        if total is None:  # this rank ran only padding batches
+            total = torch.zeros(len(names), dtype=torch.float64)
         # mean(sum) / mean(count) over ranks = sum / count over all batches
-        return distributed.all_reduce_mean(total, self.dist) / \
-            distributed.all_reduce_mean(count, self.dist)
+        total = distributed.all_reduce_mean_tensor(total, self.dist)
+        count = distributed.all_reduce_mean(count, self.dist)
+        return {f"val_{k}": v / count for k, v in zip(names, total.tolist())}
 
 
 class TaskEvals:

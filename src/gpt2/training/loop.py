@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,75 +37,20 @@ from ..runtime import autocast, is_out_of_memory, pick_device
 from ..tokenizer.chat import TEMPLATE_FILE, ChatTemplate
 from ..tokenizer.files import load_encoder
 from . import distributed, optim
-from .batches import load_batches
 from .build import build_training_model, lora_checkpoint, out_of_memory_message
 from .config import TrainConfig
 from .distributed import DistInfo
 from .evaluation import TaskEvals, Validation, training_samples
+from .objectives import build_objective
+from .pairs import load_training_batches
 from .run_dir import RunDir, RunLock, space_warning
 from .start import Start, plan_start
+from .stop import StopRequest  # noqa: F401 (its home was here)
 from .state import read_optimizer, restore_rngs, rng_state, seed_globals
 from .tensorboard import TensorBoardLog
 
 MAX_NONFINITE = 10  # consecutive skipped steps before giving up
 STOP_CHECK_EVERY = 10  # distributed ranks agree on a stop (a collective, a device wait) this often
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM once: finish the current step, save, exit 0. Ctrl-C twice: abort now.
-
-    Signals are counted as they arrive, not as Python's handler runs: two Ctrl-Cs pressed while
-    the main thread is inside one long kernel (a validation batch) reach the handler as one
-    call, and would otherwise count once (the process's wakeup fd receives a byte for each).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._interrupts = 0
-        self._old: dict[int, object] = {}
-        self._wakeup: tuple[int, int] | None = None
-        self._old_wakeup = -1
-
-    def _arrived(self, signum: int) -> int:
-        """How many SIGINTs arrived since the last call (at least this one, for ``signum``)."""
-        count = 0
-        if self._wakeup is not None:
-            try:
-                while chunk := os.read(self._wakeup[0], 512):
-                    count += chunk.count(bytes([signal.SIGINT]))
-            except BlockingIOError:
-                pass
-        return max(count, int(signum == signal.SIGINT))
-
-    def _handle(self, signum, frame) -> None:
-        self._interrupts += self._arrived(signum)
-        if self._interrupts >= 2 or (self.requested and signum == signal.SIGINT):
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort "
-              "without saving)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                return self
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        self._wakeup = (r, w)
-        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        if self._wakeup is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
 
 
 @dataclass
@@ -155,23 +97,29 @@ class Unsettled:
         self.progress, self.tokens, self.print_every, self.log = \
             progress, tokens_per_update, print_every, log
         self.steps: list[tuple[int, torch.Tensor, float, float, float]] = []
+        self.names: list[str] = []  # the objective's metrics, after the loss in each tensor
         self.nonfinite = 0
 
-    def add(self, loss: torch.Tensor, lr: float, started: float) -> None:
-        """The step just taken (``progress.step``), ``loss`` a 0-d tensor on the device."""
-        self.steps.append((self.progress.step, loss.detach(), lr, started, time.time()))
+    def add(self, loss: torch.Tensor, lr: float, started: float,
+            metrics: dict[str, torch.Tensor] | None = None) -> None:
+        """The step just taken (``progress.step``), ``loss`` a 0-d tensor on the device, and
+        the objective's metrics (0-d tensors too)."""
+        metrics = metrics or {}
+        self.names = list(metrics)
+        values = torch.stack([loss.detach().float(), *(v.float() for v in metrics.values())])
+        self.steps.append((self.progress.step, values, lr, started, time.time()))
 
     def settle(self) -> list[dict]:
         """The metrics records of the steps since the last call whose loss was finite."""
         if not self.steps:
             return []
-        losses = torch.stack([loss.float() for _, loss, *_ in self.steps]).tolist()  # one wait
+        values = torch.stack([v for _, v, *_ in self.steps]).tolist()  # one wait
         # The device finished the last step only now: its end, and the pace, count from here.
         self.steps[-1] = (*self.steps[-1][:4], time.time())
         first, last = self.steps[0][3], self.steps[-1][4]
         pace = self.tokens * len(self.steps) / max(last - first, 1e-9)
         records = []
-        for (step, _, lr, started, ended), loss in zip(self.steps, losses):
+        for (step, _, lr, started, ended), (loss, *metrics) in zip(self.steps, values):
             if not math.isfinite(loss):
                 self.nonfinite += 1
                 self.log(f"warning: non-finite loss at step {step}; its update was skipped")
@@ -187,7 +135,8 @@ class Unsettled:
             records.append({"step": step, "loss": loss, "avg": avg, "lr": lr,
                             "tokens_per_sec": self.tokens / max(ended - started, 1e-9)
                             if len(self.steps) == 1 else pace,
-                            "elapsed": elapsed, "tokens": self.progress.tokens})
+                            "elapsed": elapsed, "tokens": self.progress.tokens,
+                            **dict(zip(self.names, metrics))})
         self.steps = []
         return records
 
@@ -222,13 +171,17 @@ class Trainer:
         self.encoder, self.encoder_dir = load_encoder(start.point.model_dir), start.point.model_dir
         self.template = ChatTemplate.for_model(start.point.model_dir, cfg.chat_template,
                                                check=False)  # (compiled if chats need it)
-        self.batches = load_batches(cfg, self.encoder, self.template, start, dist, self.log)
+        self.batches = load_training_batches(cfg, self.encoder, self.template, start, dist,
+                                             self.log)
         if cfg.epochs is not None:  # the run's length in updates, the same on every rank
             steps = cfg.epochs * self.batches.steps_per_epoch(cfg.accumulate_gradients)
             self.log(f"{cfg.epochs} epoch(s) of {len(self.batches.examples):,} examples: "
                      f"{steps:,} updates")
             self.cfg = cfg = dataclasses.replace(cfg, max_steps=steps)
-        self.validation = Validation(self.batches.val_batches, self.model, dist, self.log)
+        # What a batch's loss is (a preference objective sets up its reference here).
+        self.objective = build_objective(cfg, self.model, self.batches, start, dist, self.log)
+        self.validation = Validation(self.batches.val_batches, self.model, self.objective, dist,
+                                     self.log)
         self.evals = TaskEvals(cfg, self.model, self.encoder, dist, self.log)
         # The optimizer around the model as built (sharded in place under FSDP).
         self.opt = optim.Optimization(cfg, self.model.parallel.model, dist, self.model.precision)
@@ -318,7 +271,8 @@ class Trainer:
                 # micro-batches, then the optimizer step (skipped on the device if not finite).
                 lr = self.opt.start_update(progress.step + 1)
                 progress.step += 1
-                steps.add(self.train_step(), lr, started)
+                loss, metrics = self.train_step()
+                steps.add(loss, lr, started, metrics)
                 step = progress.step
                 last = step == cfg.max_steps  # (the final model's numbers are compared)
                 validate = bool(cfg.val_every and self.validation and (
@@ -356,25 +310,27 @@ class Trainer:
                 self.save()
         return 0
 
-    def train_step(self) -> torch.Tensor:
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One update from accumulate_gradients micro-batches: the loss, a 0-d tensor on the
-        device (the mean over ranks; a NaN on any rank makes every rank skip the update)."""
+        device (the mean over ranks; a NaN on any rank makes every rank skip the update), and
+        the objective's metrics (means over micro-batches and ranks, on the device too)."""
         n, model = self.cfg.accumulate_gradients, self.model
-        losses = []
+        values = []
         for i in range(n):
             batch = self.batches.next()
             with model.parallel.synced():
                 with model.parallel.no_sync(i == n - 1), \
                         autocast(self.dist.device, model.precision):
-                    loss = model.parallel.train_model(batch.inputs, targets=batch.targets,
-                                                      segments=batch.segments,
-                                                      loss_chunk=model.loss_chunk)
+                    loss, metrics = self.objective(model.parallel.train_model, batch,
+                                                   model.loss_chunk)
                 # Averaged over micro-batches (the original summed them: N x the step size).
                 self.opt.backward(loss / n)
-            losses.append(loss.detach())
-        loss = distributed.all_reduce_mean_tensor(torch.stack(losses).float().mean(), self.dist)
+            values.append(torch.stack([loss.detach().float(),
+                                       *(v.float() for v in metrics.values())]))
+        mean = distributed.all_reduce_mean_tensor(torch.stack(values).mean(0), self.dist)
+        loss = mean[0]
         self.opt.finish_update(~torch.isfinite(loss))
-        return loss
+        return loss, dict(zip(metrics, mean[1:]))
 
     # -- periodic work -------------------------------------------------------------------------
 
@@ -392,8 +348,10 @@ class Trainer:
             val = self.validation.run(stop)
             if val is not None:
                 self.log(f"[{record['step']} | {self.progress.now():2.2f}] validation loss = "
-                         f"{val:2.2f}")
-                record["val_loss"], measured = val, True
+                         f"{val['val_loss']:2.2f}" + "".join(
+                             f", {k} = {v:.4f}" for k, v in val.items() if k != "val_loss"))
+                record.update(val)
+                measured = True
             evals = evals and val is not None
         if evals:
             scores = self.evals.run(stop)
@@ -435,7 +393,7 @@ class Trainer:
         state = {**self.progress.state_dict(), "seed": self.start.seed,
                  "sampler": self.batches.state_dict(),
                  "noise_rng": self.batches.noise_rng.bit_generator.state, "rng": rng_state(),
-                 "config": dataclasses.asdict(self.cfg)}
+                 "config": dataclasses.asdict(self.cfg), **self.objective.state}
         if self.opt.scaler.is_enabled():
             state["scaler"] = self.opt.scaler.state_dict()
         return state
@@ -446,6 +404,7 @@ class Trainer:
         self.log(f"Saving {self.run_dir.path / f'model-{step}'}")
         model, extras = parallel.full_model(), [self.template.save] if self.saves_template \
             else []
+        extras += self.objective.extras
         if self.model.lora_base is not None:
             model, adapter = lora_checkpoint(parallel.model, self.model.lora_base)
             extras.append(adapter)

@@ -1,0 +1,204 @@
+"""Preference pairs as training batches: each pair's chosen and rejected sequences packed in one
+row, each attending only to itself, pairs packed into rows of n_ctx; resumable as examples are.
+
+    batches = PairBatches(train, val, cfg, n_ctx, n_vocab, eot, seed, dist)
+    batch = batches.next()     # PairBatch: inputs, targets, segments + which sequence each token
+                               # belongs to (2k: pair k's chosen, 2k + 1: its rejected), which
+                               # tokens are answers, the pairs' dataset indices
+
+The interface is :class:`~.batches.ExampleBatches`' (``next``, state, ``val_batches``,
+``sample_prompts``, ``chats``), so the loop does not ask which it has; what a batch means is
+the objective's business (:mod:`.objectives`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..data.examples import IGNORE
+from ..data.preferences import Pair, PairSet, is_preference, load_pairs
+from ..data.sampler import add_noise
+from ..data.splits import find_corpus_splits
+from ..errors import UserError
+from .batches import Batch, ExampleBatches, TextBatches, load_batches, pack_rows
+from .config import TrainConfig
+from .distributed import DistInfo
+from .start import Start
+
+
+@dataclass
+class PairBatch(Batch):
+    """A Batch of packed pairs. ``sequences`` [B, T]: the sequence of each token (-1: padding),
+    pair k's chosen 2k and rejected 2k + 1; ``answers`` [B, T]: the token is in an answer;
+    ``pairs`` [P]: each pair's index in its dataset; ``reference`` [2P] (or None): the
+    reference model's log-probabilities of the sequences, when they were computed once."""
+
+    sequences: torch.Tensor | None = None
+    answers: torch.Tensor | None = None
+    pairs: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    count: int = 0  # sequences in the batch
+
+    def to(self, device: torch.device) -> PairBatch:
+        def move(t):
+            return None if t is None else t.to(device)
+        return PairBatch(move(self.inputs), move(self.targets), move(self.segments),
+                         move(self.sequences), move(self.answers), move(self.pairs),
+                         move(self.reference), self.count)
+
+
+def collate_sequences(rows: list[list[tuple[np.ndarray, int]]], width: int, pad: int
+                      ) -> PairBatch:
+    """Rows of (ids, prompt length) sequences -> one batch ``width`` tokens wide, sequence s
+    of the batch (counted across rows) marked s in ``sequences``. Every token but a sequence's
+    first is a target (what whole-sequence losses, such as ORPO's, score); ``answers`` says
+    which of them are past the prompt."""
+    shape = (len(rows), width)
+    inputs, targets = np.full(shape, pad, np.int64), np.full(shape, IGNORE, np.int64)
+    segments, sequences = np.full(shape, -1, np.int64), np.full(shape, -1, np.int64)
+    answers = np.zeros(shape, bool)
+    s = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, prompt_len in row:
+            n = len(ids)
+            inputs[r, at:at + n] = ids
+            targets[r, at + 1:at + n] = ids[1:]
+            segments[r, at:at + n] = sequences[r, at:at + n] = s
+            answers[r, at + prompt_len:at + n] = True
+            at, s = at + n, s + 1
+    return PairBatch(torch.from_numpy(inputs), torch.from_numpy(targets),
+                     torch.from_numpy(segments), torch.from_numpy(sequences),
+                     torch.from_numpy(answers), count=s)
+
+
+def collate_pairs(rows: list[list[Pair]], width: int, pad: int,
+                  reference: np.ndarray | None = None) -> PairBatch:
+    """Rows of pairs -> one PairBatch: pair k's chosen is sequence 2k, its rejected 2k + 1."""
+    batch = collate_sequences([[(ids, p.prompt_len) for p in row for ids in (p.chosen, p.rejected)]
+                               for row in rows], width, pad)
+    indices = [p.index for row in rows for p in row]
+    batch.pairs = torch.tensor(indices, dtype=torch.long)
+    if reference is not None:
+        batch.reference = torch.from_numpy(
+            reference[np.asarray(indices)].reshape(-1).astype(np.float32))
+    return batch
+
+
+class PairBatches(ExampleBatches):
+    """Preference pairs in shuffled epochs, as :class:`~.batches.ExampleBatches` draws examples
+    (the same epochs, rows and resumable state); a pair is never split across rows."""
+
+    def __init__(self, train: PairSet, val: PairSet | None, cfg: TrainConfig, n_ctx: int,
+                 n_vocab: int, eot: int, seed: int, dist: DistInfo):
+        self.pair_sets = {"train": train, "val": val}
+        self.reference: dict[str, np.ndarray] | None = None  # set by the objective if needed
+        super().__init__(train, val, cfg, n_ctx, n_vocab, eot, seed, dist)
+
+    def next(self) -> PairBatch:
+        rows = [self._take() for _ in range(self.batch_size)]
+        width = self.n_ctx if self.packing else max(sum(map(len, r)) for r in rows)
+        batch = collate_pairs(rows, width, self.pad,
+                              None if self.reference is None else self.reference["train"])
+        if self.noise:
+            batch.inputs = torch.from_numpy(add_noise(batch.inputs.numpy(), self.noise,
+                                                      self.noise_rng, self.n_vocab))
+        return batch.to(self.device)
+
+    def _val_batches(self, cfg: TrainConfig) -> list[PairBatch]:
+        rows = pack_rows(self.val.examples, self.n_ctx, self.packing)
+        rows = [rows[i] for i in np.random.default_rng(4).permutation(len(rows))]
+        rows = rows[:cfg.val_batch_count * cfg.val_batch_size]
+        self._val_rows = [rows[i:i + cfg.val_batch_size]
+                          for i in range(0, len(rows), cfg.val_batch_size)]
+        return self.collate_val()
+
+    def collate_val(self) -> list[PairBatch]:
+        """The validation batches (again, once the reference log-probs are known)."""
+        ref = None if self.reference is None else self.reference["val"]
+        return [collate_pairs(r, self.n_ctx if self.packing else max(sum(map(len, x)) for x in r),
+                              self.pad, ref) for r in self._val_rows]
+
+    def all_batches(self, which: str, batch_size: int) -> list[PairBatch]:
+        """Every pair of the ``which`` ("train" or "val") set in order, one pair a row: what
+        the reference log-probs are computed over."""
+        pairs = self.pair_sets[which].pairs
+        return [collate_pairs([[p] for p in pairs[i:i + batch_size]],
+                              max(len(p) for p in pairs[i:i + batch_size]), self.pad)
+                for i in range(0, len(pairs), batch_size)]
+
+    def sample_prompts(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, chosen answer ids) of the first ``n`` held-out pairs."""
+        pairs = (self.pair_sets["val"] or self.pair_sets["train"]).pairs[:n]
+        return [(p.chosen[:p.prompt_len].tolist(), p.chosen[p.prompt_len:].tolist())
+                for p in pairs]
+
+
+def held_out_pairs(pairs: PairSet, fraction: float) -> tuple[PairSet, PairSet]:
+    """A fixed, seeded ``fraction`` of whole pairs held out, each set indexed from 0."""
+    n = len(pairs.pairs)
+    k = int(round(n * fraction))
+    if not 0 < k < n:
+        raise UserError(f"--val_fraction {fraction} of {n} pairs leaves nothing to "
+                        f"{'validate on' if k == 0 else 'train on'}")
+    held = set(np.random.default_rng(1).permutation(n)[:k].tolist())
+    train = [p for i, p in enumerate(pairs.pairs) if i not in held]
+    val = [p for i, p in enumerate(pairs.pairs) if i in held]
+    for i, p in enumerate(train):
+        p.index = i
+    for i, p in enumerate(val):
+        p.index = i
+    return PairSet(train, pairs.chats), PairSet(val, pairs.chats)
+
+
+def load_pair_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
+                      log: Callable[[str], None]) -> PairBatches:
+    """The run's preference pairs (a directory's train/ and valid/, --val_dataset, or held-out
+    --val_fraction of them), fitted into n_ctx and batched."""
+    n_ctx = start.config.n_ctx
+    read = dict(encoder=encoder, template=template, n_ctx=n_ctx, drop_long=cfg.drop_long)
+    train_path, val_path = cfg.dataset, cfg.val_dataset
+    splits = find_corpus_splits(cfg.dataset) if os.path.isdir(cfg.dataset) else None
+    if splits:
+        train_path = str(splits["train"])
+        val_path = val_path or (str(splits["valid"]) if splits.get("valid") else None)
+    log("Loading preference pairs...")
+    train = load_pairs(train_path, **read)
+    log(train.describe(f"dataset {train_path}"))
+    val = None
+    if cfg.val_every:
+        if val_path is not None:
+            val = load_pairs(val_path, **read)
+            log(val.describe(f"validation dataset {val_path}"))
+        elif cfg.val_fraction > 0:
+            train, val = held_out_pairs(train, cfg.val_fraction)
+            log(f"validation: holding out {len(val.pairs):,} of "
+                f"{len(train.pairs) + len(val.pairs):,} pairs")
+        else:
+            val = train
+            log("validation uses the training pairs (set --val_dataset or --val_fraction to "
+                "hold some out)")
+    return PairBatches(train, val, cfg, n_ctx, start.config.n_vocab, encoder.eot_token,
+                       start.seed, dist)
+
+
+def load_training_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
+                          log: Callable[[str], None]
+                          ) -> TextBatches | ExampleBatches | PairBatches:
+    """Preference pairs for the preference objectives, else what load_batches reads; a
+    dataset that does not hold what --objective learns from is refused before it is read."""
+    pairs = is_preference(cfg.dataset)
+    if cfg.objective == "sft" and pairs:
+        raise UserError(f"{cfg.dataset}: holds preference pairs (chosen/rejected); train on "
+                        "them with --objective dpo, orpo or simpo")
+    if cfg.objective != "sft" and not pairs:
+        raise UserError(f"--objective {cfg.objective}: {cfg.dataset} holds no preference pairs "
+                        '(records with "chosen" and "rejected")')
+    if pairs:
+        return load_pair_batches(cfg, encoder, template, start, dist, log)
+    return load_batches(cfg, encoder, template, start, dist, log)
