@@ -76,8 +76,8 @@ def dataset(rows):
 
 
 def trl_args(cls, tmp_path: Path, **kw):
-    return cls(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
-               per_device_train_batch_size=len(STANDARD), **kw)
+    kw.setdefault("per_device_train_batch_size", len(STANDARD))
+    return cls(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, **kw)
 
 
 def cfg(**kw) -> TrainConfig:
@@ -392,3 +392,118 @@ def test_a_dataset_that_does_not_hold_what_the_objective_learns_is_refused(tmp_p
     with pytest.raises(UserError, match="--reference adapters needs --lora_rank"):
         main(["--dataset", str(prefs), "--model_dir", str(start), "--objective", "dpo",
               "--reference", "adapters"])
+
+
+# --- GRPO --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kl", [0.0, 0.04])
+def test_grpo_loss_and_gradients_equal_trls_grpo_trainer(tmp_path, byte_dir, kl):
+    """A fixed batch of completions, advantages and old log-probs (moved off the current ones,
+    so that clipping bites) through GRPOTrainer._compute_loss and through ours."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from gpt2.training.grpo import CompletionTokens, grpo_token_loss
+
+    policy, ref, hf_policy, hf_ref = models(tmp_path, byte_dir)
+    tok = tokenizer(hf_policy)
+    tok.pad_token = tok.eos_token
+    prompts = [f"q{i}:" for i in range(4)]  # one length: no prompt padding
+    trainer = GRPOTrainer(model=hf_model(hf_policy), reward_funcs=lambda completions, **k: [
+        0.0] * len(completions), args=trl_args(GRPOConfig, tmp_path, num_generations=4,
+                                                temperature=0.7, beta=kl, epsilon=0.1,
+                                                per_device_train_batch_size=4),
+        train_dataset=dataset([{"prompt": p} for p in prompts]), processing_class=tok)
+    trainer.current_gradient_accumulation_steps = 1
+    enc = load_encoder(byte_dir)
+    rng = np.random.default_rng(0)
+    prompt_ids = [enc.encode_ordinary(p) for p in prompts]
+    completions = [rng.integers(0, 256, size=n).tolist() + [256] for n in (3, 7, 1, 5)]
+    width = max(map(len, completions))
+    seqs = [(np.asarray(p + c, np.int32), len(p)) for p, c in zip(prompt_ids, completions)]
+    tokens = CompletionTokens(seqs, 256, torch.device("cpu"))
+    with torch.no_grad():
+        old = tokens.logps(policy, 0.7) + torch.from_numpy(
+            rng.normal(0, 0.2, tokens.shape).astype(np.float32)) * tokens.mask
+        ref_logps = tokens.logps(ref, 0.7)
+    advantages = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    inputs = {"prompt_ids": torch.tensor(prompt_ids), "prompt_mask": torch.ones(4, 3, dtype=int),
+              "completion_ids": torch.tensor([c + [256] * (width - len(c)) for c in completions]),
+              "completion_mask": tokens.mask.long(), "advantages": advantages,
+              "old_per_token_logps": old, "num_items_in_batch": tokens.mask.sum(),
+              "ref_per_token_logps": ref_logps}
+    trainer.model.train()
+    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs.backward()
+    ours, stats = grpo_token_loss(tokens.logps(policy.train(), 0.7), old, advantages,
+                                  tokens.mask, 0.1, kl, ref_logps)
+    ours.backward()
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    assert stats["clip_ratio/region_mean"] > 0
+    our_gradients_match(policy, trainer.model)
+
+
+def test_group_advantages_are_trls_group_scaling():
+    from gpt2.training.grpo import group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    advantages, std = group_advantages(rewards, 4)
+    g = rewards.view(2, 4)
+    expected = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(advantages, expected.view(-1))
+    assert advantages[4:].abs().max() == 0 and std[4:].max() == 0  # a group all alike: nothing
+
+
+UPPER = '''def upper(prompts, completions, **fields):
+    return [sum(ch.isupper() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def wrong_length(prompts, completions, **fields):
+    return [1.0]
+'''
+
+
+def grpo_run(tmp_path: Path, name: str, steps: int, **flags) -> Path:
+    from gpt2.commands.train import main
+
+    (tmp_path / "upper_reward.py").write_text(UPPER)
+    words = ["cat", "dog", "sun", "tree", "bird"]
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"upper {w}:", "answer": w.upper()}
+                                                    for w in words * 8])
+    base = {"dataset": data, "model_dir": make_model_dir(tmp_path / "tiny"), "init": "fresh",
+            "batch_size": 2, "learning_rate": 1e-2, "seed": 7, "sample_every": 0,
+            "save_every": 0, "print_every": 100, "val_every": 0, "objective": "grpo",
+            "num_generations": 4, "max_completion_length": 8, "reward": "upper_reward:upper",
+            "run_name": name, "max_steps": steps, **flags}
+    assert main([x for k, v in base.items() for x in (f"--{k}", str(v))]) == 0
+    return tmp_path / "checkpoint" / name
+
+
+def test_grpo_learns_a_reward_of_your_own_and_resumes_to_the_bit(tmp_path):
+    """A reward module beside the data (the share of upper-case letters): a random model's
+    reward climbs from ~0.15; stopped and resumed, the run samples and learns what one
+    uninterrupted run does."""
+    whole = grpo_run(tmp_path, "whole", 32)
+    grpo_run(tmp_path, "split", 16)
+    split = grpo_run(tmp_path, "split", 32)
+    rewards = [m["reward"] for m in steps(whole)]
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]) + 0.2
+    for a, b in zip(steps(split), steps(whole)):
+        assert {k: v for k, v in a.items() if "sec" not in k and k != "elapsed"} == \
+            {k: v for k, v in b.items() if "sec" not in k and k != "elapsed"}
+    assert {"rewards/upper/mean", "rewards/upper/std", "reward_std", "frac_reward_zero_std",
+            "completions/mean_length", "clip_ratio/region_mean"} <= set(steps(whole)[0])
+
+
+@pytest.mark.parametrize("reward, says", [
+    ("no_such_module:f", "--reward no_such_module:f: cannot import no_such_module"),
+    ("upper_reward:nothing", "--reward upper_reward:nothing: upper_reward has no nothing"),
+    ("upper_reward:wrong_length", "--reward wrong_length: returned list of 1 values for 8"),
+    ("exact_match", None),
+])
+def test_a_reward_that_cannot_run_is_one_line(tmp_path, reward, says):
+    if says is None:  # exact_match reads the records' "answer": runs (and scores 0 here)
+        assert steps(grpo_run(tmp_path, "em", 1, reward=reward))[0]["reward"] == 0.0
+        return
+    with pytest.raises(UserError) as e:
+        grpo_run(tmp_path, "bad", 1, reward=reward)
+    assert str(e.value).startswith(says) and "\n" not in str(e.value)

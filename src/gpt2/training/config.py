@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from ..flags import ArgumentParser
+from ..flags import ArgumentParser, at_least, flag, in_range, nonneg_number
 from ..data.examples import FORMATS
 from ..errors import UserError
 from ..runtime import AUTO, PRECISIONS
@@ -34,35 +32,11 @@ CONTROLS = "training controls"
 EXAMPLES = "instruction and chat examples (see README)"
 PREFERENCES = "preference tuning (see README)"
 EVALS = "benchmarks during training (see README)"
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 REFERENCES = ("copy", "adapters", "precomputed")
 DISTRIBUTED = "distributed (torchrun / mpirun / srun; see README)"
 OUTPUTS = "outputs"
-
-
-def flag(default, help: str, *, group: str = CONTROLS, check: Callable | None = None,
-         choices: tuple | None = None, metavar: str | None = None, shown: str | None = None):
-    """A TrainConfig field that is also a command-line flag. ``shown``: what a default of None
-    means, in words (README's flag tables say the same; a test compares them)."""
-    return field(default=default, metadata={"help": help, "group": group, "check": check,
-                                            "choices": choices, "metavar": metavar,
-                                            "shown": shown})
-
-
-def at_least(low: float) -> Callable:
-    return lambda v: None if v >= low else f"must be >= {low:g}, got {v!r}"
-
-
-def nonneg_number(v: float):
-    return None if math.isfinite(v) and v >= 0 else f"must be a number >= 0, got {v!r}"
-
-
-def in_range(low: float, high: float, closed: bool = False) -> Callable:
-    def check(v):
-        ok = low <= v <= high if closed else low <= v < high
-        return None if ok else f"must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v!r}"
-    return check
 
 
 def _plain_name(v: str):
@@ -225,8 +199,9 @@ class TrainConfig:
         group=EXAMPLES, metavar="FILE", shown="the model's")
     # -- preference tuning
     objective: str = flag(
-        "sft", "What to learn: sft (the targets' cross-entropy: text, examples, chats), or "
-        "from preference pairs (records with chosen and rejected): dpo, orpo or simpo.",
+        "sft", "What to learn: sft (the targets' cross-entropy: text, examples, chats); from "
+        "preference pairs (records with chosen and rejected): dpo, orpo or simpo; from rewards "
+        "on sampled completions of prompts (records with prompt): grpo.",
         group=PREFERENCES, choices=OBJECTIVES)
     dpo_loss: str = flag("sigmoid", "DPO's loss: sigmoid (DPO), ipo or hinge (as TRL's).",
                          group=PREFERENCES, choices=DPO_LOSSES)
@@ -245,6 +220,22 @@ class TrainConfig:
         "precomputed (its log-probabilities computed once before training and kept in every "
         "checkpoint: no second model in memory).", group=PREFERENCES, choices=REFERENCES,
         shown="copy; adapters with --lora_rank")
+    reward: str = flag("exact_match", "GRPO's rewards, comma-separated: exact_match, regex, "
+                       "module:function (see README).", group=PREFERENCES, metavar="REWARDS")
+    reward_weights: str | None = flag(None, "Their weights, comma-separated.", group=PREFERENCES,
+                                      metavar="W", shown="all 1")
+    answer_field: str = flag("answer", "What exact_match compares with.", group=PREFERENCES)
+    reward_regex: str = flag("", "What regex matches whole.", group=PREFERENCES)
+    num_generations: int = flag(8, "GRPO: completions per prompt.", group=PREFERENCES,
+                                check=at_least(2), metavar="G")
+    max_completion_length: int = flag(64, "GRPO: tokens per completion, at most.",
+                                      group=PREFERENCES, check=at_least(1), metavar="N")
+    generation_temperature: float = flag(1.0, "GRPO: the sampling temperature.",
+                                         group=PREFERENCES, check=in_range(1e-6, 1e6))
+    epsilon: float = flag(0.2, "GRPO: the ratio's clipping range.", group=PREFERENCES,
+                          check=in_range(0, 1))
+    kl_coef: float = flag(0.0, "GRPO: weight of the KL to a frozen copy of the starting model.",
+                          group=PREFERENCES, check=nonneg_number)
     # -- benchmarks during training
     eval_every: int = flag(
         0, "Score --eval_tasks every N steps (and at step 0 and --max_steps), into "
@@ -288,22 +279,7 @@ class TrainConfig:
 
     def eval_files(self) -> dict[str, Path]:
         """--eval_tasks as {task: data file}, each checked to exist."""
-        from ..tasks import task_file, training_tasks
-
-        files: dict[str, Path] = {}
-        for item in filter(None, (t.strip() for t in self.eval_tasks.split(","))):
-            task, _, path = item.partition("=")
-            if task not in training_tasks():
-                raise UserError(f"--eval_tasks: {task!r} is not one of "
-                                f"{', '.join(training_tasks())} (WikiText: gpt2 evaluate --task "
-                                "wikitext2 on a checkpoint)")
-            files[task] = task_file(task, path or None, self.eval_data_dir, "--eval_tasks:",
-                                    f"{task}=PATH")
-            if not files[task].is_file():
-                raise UserError(f"--eval_tasks: {task}: no {files[task]}")
-        if not files:
-            raise UserError("--eval_tasks: name at least one task (or leave --eval_every 0)")
-        return files
+        return eval_files(self.eval_tasks, self.eval_data_dir)
 
     @property
     def wants_tensorboard(self) -> bool:
@@ -359,6 +335,26 @@ class TrainConfig:
         if self.lr_schedule == "cosine" and not (self.max_steps or self.epochs):
             raise UserError("--lr_schedule cosine needs --max_steps or --epochs (the length of "
                             "the decay)")
+
+
+def eval_files(eval_tasks: str, eval_data_dir: str) -> dict[str, Path]:
+    """--eval_tasks as {task: data file}, each checked to exist."""
+    from ..tasks import task_file, training_tasks
+
+    files: dict[str, Path] = {}
+    for item in filter(None, (t.strip() for t in eval_tasks.split(","))):
+        task, _, path = item.partition("=")
+        if task not in training_tasks():
+            raise UserError(f"--eval_tasks: {task!r} is not one of "
+                            f"{', '.join(training_tasks())} (WikiText: gpt2 evaluate --task "
+                            "wikitext2 on a checkpoint)")
+        files[task] = task_file(task, path or None, eval_data_dir, "--eval_tasks:",
+                                f"{task}=PATH")
+        if not files[task].is_file():
+            raise UserError(f"--eval_tasks: {task}: no {files[task]}")
+    if not files:
+        raise UserError("--eval_tasks: name at least one task (or leave --eval_every 0)")
+    return files
 
 
 # --- one declaration -> parser, config file, validation -----------------------------------------

@@ -41,8 +41,7 @@ from .build import build_training_model, lora_checkpoint, out_of_memory_message
 from .config import TrainConfig
 from .distributed import DistInfo
 from .evaluation import TaskEvals, Validation, training_samples
-from .objectives import build_objective
-from .pairs import load_training_batches
+from .objectives import build_objective, load_training_batches
 from .run_dir import RunDir, RunLock, space_warning
 from .start import Start, plan_start
 from .stop import StopRequest  # noqa: F401 (its home was here)
@@ -179,7 +178,8 @@ class Trainer:
                      f"{steps:,} updates")
             self.cfg = cfg = dataclasses.replace(cfg, max_steps=steps)
         # What a batch's loss is (a preference objective sets up its reference here).
-        self.objective = build_objective(cfg, self.model, self.batches, start, dist, self.log)
+        self.objective = build_objective(cfg, self.model, self.batches, start, dist, self.log,
+                                         self.encoder)
         self.validation = Validation(self.batches.val_batches, self.model, self.objective, dist,
                                      self.log)
         self.evals = TaskEvals(cfg, self.model, self.encoder, dist, self.log)

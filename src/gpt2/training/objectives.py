@@ -36,13 +36,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.examples import IGNORE
+from ..data.preferences import is_preference
 from ..errors import UserError
 from ..lora import adapters_off, lora_layers
 from ..runtime import autocast
 from .build import TrainingModel
 from .config import TrainConfig
 from .distributed import DistInfo
-from .pairs import PairBatch, PairBatches
+from .batches import ExampleBatches, TextBatches, load_batches
+from .grpo import GRPO, PromptBatches, Rewards, load_prompt_batches
+from .pairs import PairBatch, PairBatches, load_pair_batches
 from .start import Start
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -218,11 +221,37 @@ def precomputed_reference(cfg: TrainConfig, model: TrainingModel, batches: PairB
     return write
 
 
-def build_objective(cfg: TrainConfig, model: TrainingModel, batches: PairBatches, start: Start,
-                    dist: DistInfo, log: Callable[[str], None]):
+def load_training_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
+                          log: Callable[[str], None]
+                          ) -> TextBatches | ExampleBatches | PairBatches | PromptBatches:
+    """What --objective learns from: text or examples (sft), preference pairs, or prompts
+    (grpo); a dataset that does not hold it is refused before it is read."""
+    pairs = is_preference(cfg.dataset)
+    if cfg.objective in ("sft", "grpo") and pairs:
+        raise UserError(f"{cfg.dataset}: holds preference pairs (chosen/rejected); train on "
+                        "them with --objective dpo, orpo or simpo")
+    if cfg.objective in ("dpo", "orpo", "simpo") and not pairs:
+        raise UserError(f"--objective {cfg.objective}: {cfg.dataset} holds no preference pairs "
+                        '(records with "chosen" and "rejected")')
+    if pairs:
+        return load_pair_batches(cfg, encoder, template, start, dist, log)
+    if cfg.objective == "grpo":
+        return load_prompt_batches(cfg, encoder, template, start, dist, log)
+    return load_batches(cfg, encoder, template, start, dist, log)
+
+
+def build_objective(cfg: TrainConfig, model: TrainingModel, batches, start: Start,
+                    dist: DistInfo, log: Callable[[str], None], encoder=None):
     """The run's objective, its reference set up (a copy, the adapters, or the stored values)."""
     if cfg.objective == "sft":
         return LanguageModelling()
+    if cfg.objective == "grpo":
+        if model.parallel.sharded:
+            raise UserError("--objective grpo cannot be combined with --fsdp: each process "
+                            "samples its own completions, of their own lengths")
+        reference = _reference_copy(model, start, log) if cfg.kl_coef else None
+        return GRPO(cfg, model.parallel.eval_model, encoder, Rewards.of(cfg), reference,
+                    dist.device, _reference_state(start) if cfg.kl_coef else None)
     if cfg.objective != "dpo":
         return Preference(cfg, None)
     kind = reference_kind(cfg)

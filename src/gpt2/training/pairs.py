@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from ..data.examples import IGNORE
-from ..data.preferences import Pair, PairSet, is_preference, load_pairs
+from ..data.preferences import Pair, PairSet, load_pairs
 from ..data.sampler import add_noise
 from ..data.splits import find_corpus_splits
 from ..errors import UserError
-from .batches import Batch, ExampleBatches, TextBatches, load_batches, pack_rows
+from .batches import Batch, ExampleBatches, pack_rows
 from .config import TrainConfig
 from .distributed import DistInfo
 from .start import Start
@@ -186,19 +186,3 @@ def load_pair_batches(cfg: TrainConfig, encoder, template, start: Start, dist: D
     return PairBatches(train, val, cfg, n_ctx, start.config.n_vocab, encoder.eot_token,
                        start.seed, dist)
 
-
-def load_training_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
-                          log: Callable[[str], None]
-                          ) -> TextBatches | ExampleBatches | PairBatches:
-    """Preference pairs for the preference objectives, else what load_batches reads; a
-    dataset that does not hold what --objective learns from is refused before it is read."""
-    pairs = is_preference(cfg.dataset)
-    if cfg.objective == "sft" and pairs:
-        raise UserError(f"{cfg.dataset}: holds preference pairs (chosen/rejected); train on "
-                        "them with --objective dpo, orpo or simpo")
-    if cfg.objective != "sft" and not pairs:
-        raise UserError(f"--objective {cfg.objective}: {cfg.dataset} holds no preference pairs "
-                        '(records with "chosen" and "rejected")')
-    if pairs:
-        return load_pair_batches(cfg, encoder, template, start, dist, log)
-    return load_batches(cfg, encoder, template, start, dist, log)
