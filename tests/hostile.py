@@ -157,6 +157,11 @@ def write_files(tmp: Path) -> None:
     w("pairs-no-shared-prompt.jsonl", good + json.dumps({"chosen": "yes", "rejected": "no"}) +
       "\n")
     w("pairs-empty-answer.jsonl", good + json.dumps({**pair, "chosen": ""}) + "\n")
+    w("prompts-no-prompt.jsonl", json.dumps({"prompt": "a", "answer": "A"}) + "\n" +
+      json.dumps({"question": "b"}) + "\n")
+    w("prompts-number.jsonl", json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": 3}) +
+      "\n")
+    w("prompts-ok.jsonl", json.dumps({"prompt": "a", "answer": "A"}) * 1 + "\n")
     w("pairs-forged.jsonl", good * 3 + json.dumps(
         {"prompt": "x<|endoftext|>", "chosen": " a<|endoftext|>Assistant: b",
          "rejected": " c"}) + "\n")
@@ -242,6 +247,17 @@ def cases() -> list[Case]:
                     code=0))
     out.append(Case("preferences", "dpo-on-text", [*dpo, "{tmp}/big.txt"],
                     "holds no preference pairs"))
+    grpo = [*train[:-1], "--objective", "grpo", "--num_generations", "2",
+            "--max_completion_length", "4", "--run_name", "grpo", "--dataset"]
+    out.append(Case("preferences", "grpo-no-prompt", [*grpo, "{tmp}/prompts-no-prompt.jsonl"],
+                    'prompts-no-prompt.jsonl:2: a record needs a "prompt" field'))
+    out.append(Case("preferences", "grpo-prompt-number", [*grpo, "{tmp}/prompts-number.jsonl"],
+                    'prompts-number.jsonl:2: "prompt" must be a string or a list of messages'))
+    out.append(Case("preferences", "grpo-reward-missing", [*grpo, "{tmp}/prompts-ok.jsonl",
+                                                            "--reward", "no_such_module:f"],
+                    "--reward no_such_module:f: cannot import no_such_module"))
+    out.append(Case("preferences", "grpo-on-pairs", [*grpo, "{tmp}/pairs-forged.jsonl"],
+                    "holds preference pairs"))
     evaluate = ["evaluate", "{model}", "--task"]
     for task, name, says in (
             ("hellaswag", "hs-cut-in-record", "hs-cut-in-record.jsonl:4: the last record has no "

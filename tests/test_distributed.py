@@ -7,6 +7,7 @@ Each run is the tiny byte-level model of test_train.py (2 layers, 32 wide, 32-to
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -415,3 +416,45 @@ def test_torchrun_trains_chats_on_two_ranks_and_resumes(tmp_path, model_dir):
     state = json.loads((run_dir / "model-4" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["sampler"]["position"] > 0
     assert (run_dir / "model-4" / "chat_template.jinja").is_file()
+
+
+def test_fsdp_dpo_with_stored_reference_log_probs_resumes(tmp_path, model_dir):
+    """DPO under FSDP: the reference log-probs computed once (every rank runs the sharded
+    forwards), kept in the checkpoint, read back on a resume; the other references are refused
+    with one line."""
+    from test_preference import upper_pairs, write_jsonl
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", upper_pairs(24))
+    flags = dict(objective="dpo", reference="precomputed", val_every=2, val_fraction=0.25,
+                 batch_size=1)
+    ok(torchrun(args(data, model_dir, "--fsdp", max_steps=2, **flags), tmp_path))
+    out = ok(torchrun(args(data, model_dir, "--fsdp", max_steps=4, **flags), tmp_path))
+    assert "Computing the reference" not in out
+    run_dir = tmp_path / "checkpoint" / "run1"
+    assert (run_dir / "model-4" / "reference_logps.safetensors").is_file()
+    steps = [m for m in metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert all(math.isfinite(m["rewards/margins"]) for m in steps)
+    refused = torchrun(args(data, model_dir, "--fsdp", max_steps=1, run_name="copy",
+                            **{**flags, "reference": "copy"}), tmp_path)
+    assert refused.returncode != 0 and "--reference copy: a whole copy" in refused.stderr
+
+
+def test_grpo_on_two_ranks_samples_each_ranks_own_prompts(tmp_path, model_dir):
+    """Each rank draws its own prompts and samples their groups; rewards and the loss are
+    averaged across ranks; a resumed run continues both ranks' streams."""
+    from test_preference import UPPER, write_jsonl
+
+    (tmp_path / "upper_reward.py").write_text(UPPER)
+    data = write_jsonl(tmp_path / "prompts.jsonl",
+                       [{"prompt": f"upper {w}:"} for w in ("cat", "dog", "sun", "owl") * 4])
+    flags = dict(objective="grpo", reward="upper_reward:upper", num_generations=2,
+                 max_completion_length=4, batch_size=1)
+    ok(torchrun(args(data, model_dir, max_steps=2, **flags), tmp_path))
+    ok(torchrun(args(data, model_dir, max_steps=3, **flags), tmp_path))
+    run_dir = tmp_path / "checkpoint" / "run1"
+    steps = [m for m in metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(0 <= m["reward"] <= 1 and m["completions/mean_length"] > 0 for m in steps)
+    state = json.loads((run_dir / "model-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["sampler"]["position"] == 3

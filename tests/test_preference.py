@@ -7,6 +7,7 @@ weights our losses, metrics and gradients equal DPOTrainer's, ORPOTrainer's and 
 from __future__ import annotations
 
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -46,12 +47,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def models(tmp_path: Path, byte_dir: Path) -> tuple[GPT, GPT, Path, Path]:
     """A reference model and a policy moved away from it, each also as a transformers dir."""
-    torch.manual_seed(0)
-    ref = GPT(CONFIG).eval()
-    policy = copy.deepcopy(ref)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    policy, ref = _dpo_models()
     export_huggingface(ref, tmp_path / "hf_ref", encoder_dir=byte_dir)
     export_huggingface(policy, tmp_path / "hf_policy", encoder_dir=byte_dir)
     return policy, ref, tmp_path / "hf_policy", tmp_path / "hf_ref"
@@ -368,6 +364,7 @@ def test_dpo_starts_at_log_2_learns_and_resumes_to_the_bit(tmp_path, reference):
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
 def test_orpo_and_simpo_runs_learn_to_prefer_the_chosen_answer(tmp_path, objective):
     run_dir = run(tmp_path, pretrained(tmp_path), objective, objective, 12,
+                  *(["--tensorboard"] if objective == "orpo" else []),
                   beta=0.5 if objective == "orpo" else 2.0, val_every=6)
     val = [m for m in metrics(run_dir) if "val_rewards/margins" in m]
     assert val[-1]["val_rewards/margins"] > val[0]["val_rewards/margins"]
@@ -376,6 +373,18 @@ def test_orpo_and_simpo_runs_learn_to_prefer_the_chosen_answer(tmp_path, objecti
         from gpt2.commands.plot import plot_runs
 
         assert plot_runs([run_dir], tmp_path / "curves.png").stat().st_size > 10_000
+        # and TensorBoard has the metrics under TRL's names
+        from tensorboard.backend.event_processing.plugin_event_accumulator import \
+            EventAccumulator
+        from tensorboard.util.tensor_util import make_ndarray
+
+        events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+        for tag, key in (("train/rewards/margins", "rewards/margins"),
+                         ("validation/rewards/accuracies", "val_rewards/accuracies"),
+                         ("train/nll_loss", "nll_loss")):
+            got = [float(make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+            np.testing.assert_allclose(got, [m[key] for m in metrics(run_dir) if key in m],
+                                       rtol=1e-6)
 
 
 def test_a_dataset_that_does_not_hold_what_the_objective_learns_is_refused(tmp_path):
@@ -507,3 +516,70 @@ def test_a_reward_that_cannot_run_is_one_line(tmp_path, reward, says):
     with pytest.raises(UserError) as e:
         grpo_run(tmp_path, "bad", 1, reward=reward)
     assert str(e.value).startswith(says) and "\n" not in str(e.value)
+
+
+# --- DDP: two ranks' averaged gradient is one process's ---------------------------------------
+
+def _two_pairs() -> list[Pair]:
+    rng = np.random.default_rng(5)
+    return [Pair(rng.integers(0, 256, 9).astype(np.int32),
+                 rng.integers(0, 256, 12).astype(np.int32), 4, i) for i in range(2)]
+
+
+def _dpo_models() -> tuple[GPT, GPT]:
+    torch.manual_seed(0)
+    ref = GPT(CONFIG).eval()
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return policy, ref
+
+
+def _dpo_rank(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from gpt2.training import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    policy, ref = _dpo_models()
+    ddp = torch.nn.parallel.DistributedDataParallel(policy)
+    pair = _two_pairs()[rank]
+    objective = Preference(cfg(objective="dpo", beta=0.3),
+                           lambda b: sequence_logps(ref, b)[0].detach())
+    loss, _ = objective(ddp, collate_pairs([[pair]], len(pair), 256))
+    loss.backward()
+    torch.save({n: p.grad for n, p in policy.named_parameters()}, f"{out}.{rank}")
+    distributed.shutdown()
+
+
+def test_dpo_on_two_ranks_equals_one_process(tmp_path):
+    from bounded import spawn
+    from test_distributed import free_port
+
+    out = str(tmp_path / "grads")
+    spawn(_dpo_rank, args=(free_port(), out), nprocs=2, timeout=90)
+    policy, ref = _dpo_models()
+    pairs = _two_pairs()
+    loss, _ = Preference(cfg(objective="dpo", beta=0.3),
+                         lambda b: sequence_logps(ref, b)[0].detach())(
+        policy, collate_pairs([[p] for p in pairs], max(map(len, pairs)), 256))
+    loss.backward()
+    for rank in (0, 1):
+        grads = torch.load(f"{out}.{rank}")
+        for name, p in policy.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_bf16_runs_the_new_objectives(tmp_path, objective):
+    """--precision bf16 (autocast on the CPU, as on a GPU): finite losses and metrics."""
+    if objective == "dpo":
+        run_dir = run(tmp_path, pretrained(tmp_path), "dpo", "bf16", 3, precision="bf16")
+    else:
+        run_dir = grpo_run(tmp_path, "bf16", 3, precision="bf16")
+    for m in steps(run_dir):
+        assert all(math.isfinite(v) for k, v in m.items() if isinstance(v, float)), m

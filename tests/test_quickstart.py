@@ -4,6 +4,7 @@ the tokenizer, the sample scripts) resolves to the checkpoint its ``counter`` na
 
 from __future__ import annotations
 
+import json
 import io
 import os
 import sys
@@ -72,3 +73,30 @@ def test_quickstart_chat_learns_the_task_on_prompts_never_seen(tmp_path):
     answers = float(r.stdout.split("answers only: ")[1].split("%")[0])
     prompts = float(r.stdout.split("--train_on_prompt: ")[1].split("%")[0])
     assert answers >= 50 and prompts >= 50, r.stdout[-2000:]
+
+
+def test_quickstart_align_end_to_end_and_chat_on_its_result(tmp_path, capsys, monkeypatch):
+    """The alignment quickstart on a few steps: SFT, then DPO, GRPO and continued SFT from it,
+    each scored; `gpt2 chat` runs on the DPO model."""
+    monkeypatch.setenv("GPT2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "qa"
+    assert main(["quickstart", "--align", "--out", str(out), "--max_steps", "2",
+                 "--align_steps", "2", "--examples", "400"]) == 0
+    stdout = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"sft", "sft_more", "dpo", "grpo"}
+    assert "val_rewards/accuracies" in results["dpo"] and "val_reward" in results["grpo"]
+    assert "exact match" in stdout
+    monkeypatch.setattr(sys, "stdin", io.StringIO("upper hello\n"))
+    assert main(["chat", str(out / "checkpoint" / "dpo"), "--max_tokens", "4"]) == 0
+
+
+@pytest.mark.slow
+def test_quickstart_align_dpo_learns_the_preferences(tmp_path):
+    """The alignment quickstart as shipped: DPO's held-out reward accuracy nears 1; how each
+    method's exact match compares with the control is measured (bench/RESULTS.md)."""
+    r = bounded.run([sys.executable, "-m", "gpt2", "quickstart", "--align",
+                     "--out", str(tmp_path / "qa")], env=ENV, timeout=3000)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((tmp_path / "qa" / "results.json").read_text())["results"]
+    assert results["dpo"]["val_rewards/accuracies"] >= 0.9, results

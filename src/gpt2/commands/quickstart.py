@@ -78,15 +78,35 @@ def build_parser() -> ArgumentParser:
                    help="with --chat: also train with --train_on_prompt for the same steps")
     p.add_argument("--examples", type=int, default=20000,
                    help="with --chat: training chats of the synthetic task")
+    p.add_argument("--align", action="store_true",
+                   help="preference and reward tuning after SFT on the chat task: DPO, GRPO "
+                        "and continued SFT from one short SFT run, exact match of each "
+                        "(default --out quickstart-align, --max_steps 800 of SFT)")
+    p.add_argument("--align_steps", type=int, default=200,
+                   help="with --align: steps of each run after SFT")
     return p
+
+
+def _align(args) -> int:
+    from .quickstart_align import align_main
+
+    if args.chat or args.compare:
+        raise UserError("--align runs its own chat task; leave out --chat and --compare")
+    if args.align_steps < 1:
+        raise UserError(f"--align_steps must be >= 1, got {args.align_steps}")
+    return align_main(Path(args.out), args.max_steps, args.align_steps, args.seed,
+                      args.examples)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.out = args.out or ("quickstart-chat" if args.chat else "quickstart")
-    args.max_steps = args.max_steps or (2000 if args.chat else 400)
+    args.out = args.out or ("quickstart-align" if args.align else
+                            "quickstart-chat" if args.chat else "quickstart")
+    args.max_steps = args.max_steps or (800 if args.align else 2000 if args.chat else 400)
     if args.max_steps < 1:
         raise UserError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.align:
+        return _align(args)
     if args.chat:
         from .quickstart_chat import chat_main
 

@@ -47,15 +47,17 @@ def write_task(out: Path, seed: int, n_train: int = 20000, n_held: int = 200) ->
     return words[n_train + n_held:]
 
 
-def write_byte_level_model(out: Path) -> None:
-    """encoder.json with the 256 bytes and <|endoftext|>, no merges, and hparams.json."""
+def write_byte_level_model(out: Path, **hparams) -> None:
+    """encoder.json with the 256 bytes and <|endoftext|>, no merges, and hparams.json (MODEL,
+    with ``hparams`` changed)."""
     from ..tokenizer.bpe import bytes_to_unicode
 
     encoder = {c: b for b, c in bytes_to_unicode().items()}
     encoder["<|endoftext|>"] = 256
     write_text(out / "encoder.json", json.dumps(encoder), durable=False)
     write_text(out / "vocab.bpe", "#version: 0.2\n", durable=False)
-    write_text(out / "hparams.json", json.dumps({"n_vocab": 257, **MODEL}, indent=2) + "\n",
+    write_text(out / "hparams.json", json.dumps({"n_vocab": 257, **MODEL, **hparams}, indent=2)
+               + "\n",
                durable=False)
 
 

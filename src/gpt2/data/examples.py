@@ -179,6 +179,10 @@ class ExampleSet:
     dropped: int = 0         # --drop_long
     nothing_learned: int = 0
 
+    def with_items(self, examples: list[Example]) -> ExampleSet:
+        """A set of the same format holding ``examples`` (a split of this one)."""
+        return ExampleSet(examples, self.fmt, self.chats)
+
     def describe(self, name: str) -> str:
         tokens = sum(len(e) for e in self.examples)
         learned = sum(e.learned for e in self.examples)

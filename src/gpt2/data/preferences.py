@@ -63,6 +63,12 @@ class PairSet:
     def examples(self) -> list[Pair]:  # what training packs into rows (as an ExampleSet's)
         return self.pairs
 
+    def with_items(self, pairs: list[Pair]) -> PairSet:
+        """A set holding ``pairs`` (a split of this one), indexed from 0 again."""
+        for i, pair in enumerate(pairs):
+            pair.index = i
+        return PairSet(pairs, self.chats)
+
     def describe(self, name: str) -> str:
         tokens = sum(len(p) for p in self.pairs)
         line = f"{name}: {len(self.pairs):,} preference pairs, {tokens:,} tokens"

@@ -44,6 +44,9 @@ class PromptSet:
     def examples(self) -> list[Prompt]:  # what training draws (as an ExampleSet's)
         return self.prompts
 
+    def with_items(self, prompts: list[Prompt]) -> PromptSet:
+        return PromptSet(prompts, self.chats)
+
     def describe(self, name: str) -> str:
         line = f"{name}: {len(self.prompts):,} prompts"
         if self.cut:

@@ -242,48 +242,46 @@ class ExampleBatches:
         self.position = min(self.position, len(self._rows))
 
 
-def _held_out(examples: ExampleSet, fraction: float) -> tuple[ExampleSet, ExampleSet]:
-    """Whole examples held out for validation: a fixed, seeded choice of ``fraction`` of them."""
-    n = len(examples.examples)
-    k = int(round(n * fraction))
-    if not 0 < k < n:
-        raise UserError(f"--val_fraction {fraction} of {n} examples leaves nothing to "
-                        f"{'validate on' if k == 0 else 'train on'}")
-    held = set(np.random.default_rng(1).permutation(n)[:k].tolist())
-    train = [e for i, e in enumerate(examples.examples) if i not in held]
-    val = [e for i, e in enumerate(examples.examples) if i in held]
-    return ExampleSet(train, examples.fmt, examples.chats), ExampleSet(val, examples.fmt,
-                                                                       examples.chats)
-
-
-def load_example_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
-                         log: Callable[[str], None]) -> ExampleBatches:
-    """The run's examples (a directory's train/ and valid/, --val_dataset, or held-out
-    --val_fraction of them), fitted into n_ctx and batched."""
-    n_ctx = start.config.n_ctx
-    read = dict(encoder=encoder, template=template, n_ctx=n_ctx, fmt=cfg.data_format,
-                train_on_prompt=cfg.train_on_prompt, drop_long=cfg.drop_long)
+def read_splits(cfg: TrainConfig, read: Callable, noun: str, log: Callable[[str], None]):
+    """The run's training and validation sets (any set with ``examples``, ``describe`` and
+    ``with_items``): --dataset (its train/ and valid/ folders when it has them), --val_dataset,
+    or a fixed, seeded --val_fraction of the training items held out whole."""
     train_path, val_path = cfg.dataset, cfg.val_dataset
     splits = find_corpus_splits(cfg.dataset) if os.path.isdir(cfg.dataset) else None
     if splits:
         train_path = str(splits["train"])
         val_path = val_path or (str(splits["valid"]) if splits.get("valid") else None)
-    log("Loading examples...")
-    train = load_examples(train_path, **read)
+    train = read(train_path)
     log(train.describe(f"dataset {train_path}"))
-    val = None
-    if cfg.val_every:
-        if val_path is not None:
-            val = load_examples(val_path, **read)
-            log(val.describe(f"validation dataset {val_path}"))
-        elif cfg.val_fraction > 0:
-            train, val = _held_out(train, cfg.val_fraction)
-            log(f"validation: holding out {len(val.examples):,} of "
-                f"{len(train.examples) + len(val.examples):,} examples")
-        else:
-            val = train
-            log("validation uses the training examples (set --val_dataset or --val_fraction "
-                "to hold some out)")
+    if not cfg.val_every:
+        return train, None
+    if val_path is not None:
+        val = read(val_path)
+        log(val.describe(f"validation dataset {val_path}"))
+        return train, val
+    if cfg.val_fraction <= 0:
+        log(f"validation uses the training {noun} (set --val_dataset or --val_fraction to hold "
+            "some out)")
+        return train, train
+    items = train.examples
+    n, k = len(items), int(round(len(items) * cfg.val_fraction))
+    if not 0 < k < n:
+        raise UserError(f"--val_fraction {cfg.val_fraction} of {n} {noun} leaves nothing to "
+                        f"{'validate on' if k == 0 else 'train on'}")
+    held = set(np.random.default_rng(1).permutation(n)[:k].tolist())
+    log(f"validation: holding out {k:,} of {n:,} {noun}")
+    return (train.with_items([e for i, e in enumerate(items) if i not in held]),
+            train.with_items([e for i, e in enumerate(items) if i in held]))
+
+
+def load_example_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
+                         log: Callable[[str], None]) -> ExampleBatches:
+    """The run's examples (:func:`read_splits`), fitted into n_ctx and batched."""
+    n_ctx = start.config.n_ctx
+    read = dict(encoder=encoder, template=template, n_ctx=n_ctx, fmt=cfg.data_format,
+                train_on_prompt=cfg.train_on_prompt, drop_long=cfg.drop_long)
+    log("Loading examples...")
+    train, val = read_splits(cfg, lambda path: load_examples(path, **read), "examples", log)
     return ExampleBatches(train, val, cfg, n_ctx, start.config.n_vocab, encoder.eot_token,
                           start.seed, dist)
 

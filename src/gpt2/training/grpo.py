@@ -35,10 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.prompts import Prompt, PromptSet, load_prompts
-from ..data.splits import find_corpus_splits
 from ..errors import UserError
 from ..sampling import decode
-from .batches import ExampleBatches
+from .batches import ExampleBatches, read_splits
 from .config import TrainConfig
 from .distributed import DistInfo
 from .pairs import collate_sequences
@@ -207,35 +206,16 @@ class PromptBatches(ExampleBatches):
 
 def load_prompt_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
                         log: Callable[[str], None]) -> PromptBatches:
+    """The run's prompts (:func:`~.batches.read_splits`), each leaving room for
+    --max_completion_length tokens."""
     n_ctx = start.config.n_ctx
     if cfg.max_completion_length >= n_ctx:
         raise UserError(f"--max_completion_length {cfg.max_completion_length} leaves no room "
                         f"for a prompt in n_ctx {n_ctx}")
     room = n_ctx - cfg.max_completion_length
-    train_path, val_path = cfg.dataset, cfg.val_dataset
-    splits = find_corpus_splits(cfg.dataset) if os.path.isdir(cfg.dataset) else None
-    if splits:
-        train_path = str(splits["train"])
-        val_path = val_path or (str(splits["valid"]) if splits.get("valid") else None)
     log("Loading prompts...")
-    train = load_prompts(train_path, encoder, template, room=room)
-    log(train.describe(f"dataset {train_path}"))
-    val = None
-    if cfg.val_every:
-        if val_path is not None:
-            val = load_prompts(val_path, encoder, template, room=room)
-        elif cfg.val_fraction > 0:
-            n, k = len(train.prompts), int(round(len(train.prompts) * cfg.val_fraction))
-            if not 0 < k < n:
-                raise UserError(f"--val_fraction {cfg.val_fraction} of {n} prompts leaves "
-                                "nothing to " + ("validate on" if k == 0 else "train on"))
-            held = set(np.random.default_rng(1).permutation(n)[:k].tolist())
-            val = PromptSet([p for i, p in enumerate(train.prompts) if i in held], train.chats)
-            train = PromptSet([p for i, p in enumerate(train.prompts) if i not in held],
-                              train.chats)
-            log(f"validation: holding out {k:,} of {n:,} prompts")
-        else:
-            val = train
+    train, val = read_splits(cfg, lambda path: load_prompts(path, encoder, template, room=room),
+                             "prompts", log)
     return PromptBatches(train, val, cfg, n_ctx, start.config.n_vocab, encoder.eot_token,
                          start.seed, dist)
 
@@ -275,8 +255,9 @@ class GRPO:
 
     def __init__(self, cfg: TrainConfig, generator_model: torch.nn.Module, encoder,
                  rewards: Rewards, reference: torch.nn.Module | None, device: torch.device,
-                 state: dict | None = None):
+                 state: dict | None = None, template=None):
         self.cfg, self.generator_model, self.encoder = cfg, generator_model, encoder
+        self.template = template  # a chat reply's content: without the template's prefix
         self.rewards, self.reference, self.device = rewards, reference, device
         self.state = state or {}
 
@@ -298,7 +279,7 @@ class GRPO:
                  for c in completions]
         given = [p.prompt for p in prompts]
         shown = texts if all(isinstance(p, str) for p in given) else \
-            [[{"role": "assistant", "content": t}] for t in texts]
+            [[{"role": "assistant", "content": self.template.content_of(t)}] for t in texts]
         per_function = self.rewards(given, shown, completions, [p.fields for p in prompts])
         reward = torch.tensor(np.nansum(per_function * np.asarray(self.rewards.weights), axis=1),
                               dtype=torch.float32, device=self.device)

@@ -179,7 +179,7 @@ class Trainer:
             self.cfg = cfg = dataclasses.replace(cfg, max_steps=steps)
         # What a batch's loss is (a preference objective sets up its reference here).
         self.objective = build_objective(cfg, self.model, self.batches, start, dist, self.log,
-                                         self.encoder)
+                                         self.encoder, self.template)
         self.validation = Validation(self.batches.val_batches, self.model, self.objective, dist,
                                      self.log)
         self.evals = TaskEvals(cfg, self.model, self.encoder, dist, self.log)

@@ -16,6 +16,7 @@ The loop calls an objective and never asks which one it has; each is built and t
   ORPOTrainer) minus ``beta`` x the log-sigmoid of the odds ratio of the mean answer log-probs.
 - ``simpo`` (Meng et al. 2024): ``-log sigmoid(beta x (mean logp chosen - mean logp rejected)
   - gamma)``, TRL's CPOTrainer with ``loss_type="simpo"`` and ``cpo_alpha=0``.
+- ``grpo``: rewards on sampled completions (:mod:`.grpo`).
 
 The metrics carry TRL's names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (and ORPO's ``nll_loss``,
@@ -210,6 +211,11 @@ def precomputed_reference(cfg: TrainConfig, model: TrainingModel, batches: PairB
                                      contextlib.nullcontext)
         values = {w: reference_logps_of(batches, w, forward, dist, cfg.batch_size)
                   for w in sets}
+        # FSDP keeps the root's parameters gathered after a forward (a backward would need
+        # them): shard them again, or the optimizer built next holds the gathered ones.
+        for module in model.parallel.eval_model.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
     batches.reference = {**{"val": None}, **values}
     batches.val_batches = batches.collate_val() if batches.val is not None else []
 
@@ -241,7 +247,7 @@ def load_training_batches(cfg: TrainConfig, encoder, template, start: Start, dis
 
 
 def build_objective(cfg: TrainConfig, model: TrainingModel, batches, start: Start,
-                    dist: DistInfo, log: Callable[[str], None], encoder=None):
+                    dist: DistInfo, log: Callable[[str], None], encoder=None, template=None):
     """The run's objective, its reference set up (a copy, the adapters, or the stored values)."""
     if cfg.objective == "sft":
         return LanguageModelling()
@@ -251,7 +257,7 @@ def build_objective(cfg: TrainConfig, model: TrainingModel, batches, start: Star
                             "samples its own completions, of their own lengths")
         reference = _reference_copy(model, start, log) if cfg.kl_coef else None
         return GRPO(cfg, model.parallel.eval_model, encoder, Rewards.of(cfg), reference,
-                    dist.device, _reference_state(start) if cfg.kl_coef else None)
+                    dist.device, _reference_state(start) if cfg.kl_coef else None, template)
     if cfg.objective != "dpo":
         return Preference(cfg, None)
     kind = reference_kind(cfg)

@@ -13,7 +13,6 @@ the objective's business (:mod:`.objectives`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,9 +22,7 @@ import torch
 from ..data.examples import IGNORE
 from ..data.preferences import Pair, PairSet, load_pairs
 from ..data.sampler import add_noise
-from ..data.splits import find_corpus_splits
-from ..errors import UserError
-from .batches import Batch, ExampleBatches, pack_rows
+from .batches import Batch, ExampleBatches, pack_rows, read_splits
 from .config import TrainConfig
 from .distributed import DistInfo
 from .start import Start
@@ -139,50 +136,13 @@ class PairBatches(ExampleBatches):
                 for p in pairs]
 
 
-def held_out_pairs(pairs: PairSet, fraction: float) -> tuple[PairSet, PairSet]:
-    """A fixed, seeded ``fraction`` of whole pairs held out, each set indexed from 0."""
-    n = len(pairs.pairs)
-    k = int(round(n * fraction))
-    if not 0 < k < n:
-        raise UserError(f"--val_fraction {fraction} of {n} pairs leaves nothing to "
-                        f"{'validate on' if k == 0 else 'train on'}")
-    held = set(np.random.default_rng(1).permutation(n)[:k].tolist())
-    train = [p for i, p in enumerate(pairs.pairs) if i not in held]
-    val = [p for i, p in enumerate(pairs.pairs) if i in held]
-    for i, p in enumerate(train):
-        p.index = i
-    for i, p in enumerate(val):
-        p.index = i
-    return PairSet(train, pairs.chats), PairSet(val, pairs.chats)
-
-
 def load_pair_batches(cfg: TrainConfig, encoder, template, start: Start, dist: DistInfo,
                       log: Callable[[str], None]) -> PairBatches:
-    """The run's preference pairs (a directory's train/ and valid/, --val_dataset, or held-out
-    --val_fraction of them), fitted into n_ctx and batched."""
+    """The run's preference pairs (:func:`~.batches.read_splits`), fitted into n_ctx and
+    batched."""
     n_ctx = start.config.n_ctx
-    read = dict(encoder=encoder, template=template, n_ctx=n_ctx, drop_long=cfg.drop_long)
-    train_path, val_path = cfg.dataset, cfg.val_dataset
-    splits = find_corpus_splits(cfg.dataset) if os.path.isdir(cfg.dataset) else None
-    if splits:
-        train_path = str(splits["train"])
-        val_path = val_path or (str(splits["valid"]) if splits.get("valid") else None)
     log("Loading preference pairs...")
-    train = load_pairs(train_path, **read)
-    log(train.describe(f"dataset {train_path}"))
-    val = None
-    if cfg.val_every:
-        if val_path is not None:
-            val = load_pairs(val_path, **read)
-            log(val.describe(f"validation dataset {val_path}"))
-        elif cfg.val_fraction > 0:
-            train, val = held_out_pairs(train, cfg.val_fraction)
-            log(f"validation: holding out {len(val.pairs):,} of "
-                f"{len(train.pairs) + len(val.pairs):,} pairs")
-        else:
-            val = train
-            log("validation uses the training pairs (set --val_dataset or --val_fraction to "
-                "hold some out)")
+    train, val = read_splits(cfg, lambda path: load_pairs(
+        path, encoder, template, n_ctx=n_ctx, drop_long=cfg.drop_long), "pairs", log)
     return PairBatches(train, val, cfg, n_ctx, start.config.n_vocab, encoder.eot_token,
                        start.seed, dist)
-

@@ -51,8 +51,9 @@ class TensorBoardLog:
                  if key.startswith(EVAL_PREFIXES) and not key.endswith("_examples")]
         for key in evals:  # --eval_tasks: hellaswag_acc_norm -> eval/hellaswag_acc_norm
             self.writer.add_scalar(f"eval/{key}", record[key], step)
+        known = {*TAGS, *evals, "step", "tokens", "elapsed"}
         for key in record:  # an objective's metrics (rewards/margins, val_rewards/margins)
-            if "/" in key:
+            if key not in known and not key.endswith("_examples"):
                 tag = f"validation/{key[4:]}" if key.startswith("val_") else f"train/{key}"
                 self.writer.add_scalar(tag, record[key], step)
         if "val_loss" in record or evals:
