@@ -468,6 +468,10 @@ UPPER = '''def upper(prompts, completions, **fields):
 
 def wrong_length(prompts, completions, **fields):
     return [1.0]
+
+
+def broken(prompts, completions, **fields):
+    return [1 / 0 for c in completions]
 '''
 
 
@@ -507,6 +511,7 @@ def test_grpo_learns_a_reward_of_your_own_and_resumes_to_the_bit(tmp_path):
     ("no_such_module:f", "--reward no_such_module:f: cannot import no_such_module"),
     ("upper_reward:nothing", "--reward upper_reward:nothing: upper_reward has no nothing"),
     ("upper_reward:wrong_length", "--reward wrong_length: returned list of 1 values for 8"),
+    ("upper_reward:broken", "--reward broken: ZeroDivisionError: division by zero (at "),
     ("exact_match", None),
 ])
 def test_a_reward_that_cannot_run_is_one_line(tmp_path, reward, says):
@@ -583,3 +588,41 @@ def test_bf16_runs_the_new_objectives(tmp_path, objective):
         run_dir = grpo_run(tmp_path, "bf16", 3, precision="bf16")
     for m in steps(run_dir):
         assert all(math.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
+
+
+def test_ctrl_c_during_dpo_saves_the_reference_and_resumes(tmp_path):
+    """SIGINT mid-run: the steps done are saved with the stored reference log-probs, exit 0;
+    the resumed run reads them back (no second reference pass) and computes what one
+    uninterrupted run does."""
+    import os
+    import signal
+    import sys
+
+    import bounded
+
+    start = pretrained(tmp_path)
+    write_jsonl(tmp_path / "prefs.jsonl", upper_pairs(40))
+    flags = ["--dataset", str(tmp_path / "prefs.jsonl"), "--model_dir", str(start),
+             "--objective", "dpo", "--reference", "precomputed", "--batch_size", "2",
+             "--seed", "7", "--sample_every", "0", "--save_every", "0", "--val_every", "0",
+             "--learning_rate", "3e-3", "--print_every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "GPT2_CACHE": str(tmp_path / "cache")}
+    with bounded.Proc([sys.executable, "-m", "gpt2", "train", *flags, "--run_name", "sig",
+                       "--max_steps", "100000"], env=env, cwd=tmp_path) as proc:
+        proc.wait_for(lambda line: line.startswith("[3 |"), timeout=120)
+        proc.signal(signal.SIGINT)
+        done = proc.finish(timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    saved = metrics(tmp_path / "checkpoint/sig")[-1]["step"]
+    ckpt = tmp_path / f"checkpoint/sig/model-{saved}"
+    assert (ckpt / "reference_logps.safetensors").is_file()
+    from gpt2.commands.train import main
+
+    total = saved + 2
+    resumed = bounded.run([sys.executable, "-m", "gpt2", "train", *flags, "--run_name", "sig",
+                           "--max_steps", str(total)], env=env, cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0 and "Computing the reference" not in resumed.stdout
+    assert main([*flags, "--run_name", "whole", "--max_steps", str(total)]) == 0
+    a, b = steps(tmp_path / "checkpoint/sig"), steps(tmp_path / "checkpoint/whole")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]

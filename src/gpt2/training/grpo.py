@@ -27,6 +27,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,8 +125,15 @@ class Rewards:
         columns = {k: [f.get(k) for f in fields] for k in {k for f in fields for k in f}}
         out = np.full((len(completions), len(self.functions)), np.nan)
         for j, (fn, name) in enumerate(zip(self.functions, self.names)):
-            values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                        **columns)
+            try:
+                values = fn(prompts=prompts, completions=completions,
+                            completion_ids=completion_ids, **columns)
+            except UserError:
+                raise
+            except Exception as e:  # the user's code: one line, and where it failed
+                at = traceback.extract_tb(e.__traceback__)[-1]
+                raise UserError(f"--reward {name}: {type(e).__name__}: {e} (at "
+                                f"{at.filename}:{at.lineno})") from None
             if not isinstance(values, (list, tuple)) or len(values) != len(completions):
                 raise UserError(f"--reward {name}: returned {type(values).__name__} of "
                                 f"{len(values) if hasattr(values, '__len__') else '?'} values "
