@@ -626,3 +626,17 @@ def test_ctrl_c_during_dpo_saves_the_reference_and_resumes(tmp_path):
     assert main([*flags, "--run_name", "whole", "--max_steps", str(total)]) == 0
     a, b = steps(tmp_path / "checkpoint/sig"), steps(tmp_path / "checkpoint/whole")
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+def test_several_rewards_are_weighted():
+    from gpt2.training.grpo import Rewards
+
+    rewards = Rewards.of(cfg(objective="grpo", reward="exact_match,regex",
+                             reward_weights="1,0.5", reward_regex="[A-Z]+"))
+    assert rewards.names == ["exact_match", "regex"] and rewards.weights == [1.0, 0.5]
+    table = rewards(["p"] * 3, [" CAT", "cat", "DOG "], [[1], [2], [3]],
+                    [{"answer": "CAT"}, {"answer": "CAT"}, {"answer": "CAT"}])
+    np.testing.assert_array_equal(table, [[1, 1], [0, 0], [0, 1]])
+    assert (np.nansum(table * np.asarray(rewards.weights), axis=1) == [1.5, 0, 0.5]).all()
+    with pytest.raises(UserError, match="--reward_weights: 1 weights for 2 rewards"):
+        Rewards.of(cfg(objective="grpo", reward="exact_match,regex", reward_weights="1"))
