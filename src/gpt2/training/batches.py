@@ -198,10 +198,16 @@ class ExampleBatches:
         self.position += 1
         return self._rows[self.position - 1]
 
+    def collate(self, rows: list[list[Example]], width: int, validation: bool = False
+                ) -> Batch:
+        """Rows -> one batch (validation: the answers-only targets); batches of other items
+        (preference pairs) override this alone."""
+        return collate(rows, width, self.pad, answers=validation)
+
     def next(self) -> Batch:
         rows = [self._take() for _ in range(self.batch_size)]
         width = self.n_ctx if self.packing else max(sum(map(len, r)) for r in rows)
-        batch = collate(rows, width, self.pad)
+        batch = self.collate(rows, width)
         if self.noise:
             batch.inputs = torch.from_numpy(add_noise(batch.inputs.numpy(), self.noise,
                                                       self.noise_rng, self.n_vocab))
@@ -212,10 +218,14 @@ class ExampleBatches:
         # best-fit sorts rows by length: a fixed shuffle, so that the rows kept are a sample
         rows = [rows[i] for i in np.random.default_rng(4).permutation(len(rows))]
         rows = rows[:cfg.val_batch_count * cfg.val_batch_size]
-        return [collate(rows[i:i + cfg.val_batch_size], self.n_ctx if self.packing else
-                        max(sum(map(len, r)) for r in rows[i:i + cfg.val_batch_size]), self.pad,
-                        answers=True)
-                for i in range(0, len(rows), cfg.val_batch_size)]
+        self.val_rows = [rows[i:i + cfg.val_batch_size]
+                         for i in range(0, len(rows), cfg.val_batch_size)]
+        return self.collate_val()
+
+    def collate_val(self) -> list[Batch]:
+        """The fixed validation batches (made again when what they carry changes)."""
+        return [self.collate(r, self.n_ctx if self.packing else max(sum(map(len, x)) for x in r),
+                             validation=True) for r in self.val_rows]
 
     def sample_prompts(self, n: int) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, reference answer ids) of the first ``n`` held-out examples (training

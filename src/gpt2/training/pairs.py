@@ -21,8 +21,7 @@ import torch
 
 from ..data.examples import IGNORE
 from ..data.preferences import Pair, PairSet, load_pairs
-from ..data.sampler import add_noise
-from .batches import Batch, ExampleBatches, pack_rows, read_splits
+from .batches import Batch, ExampleBatches, read_splits
 from .config import TrainConfig
 from .distributed import DistInfo
 from .start import Start
@@ -97,29 +96,10 @@ class PairBatches(ExampleBatches):
         self.reference: dict[str, np.ndarray] | None = None  # set by the objective if needed
         super().__init__(train, val, cfg, n_ctx, n_vocab, eot, seed, dist)
 
-    def next(self) -> PairBatch:
-        rows = [self._take() for _ in range(self.batch_size)]
-        width = self.n_ctx if self.packing else max(sum(map(len, r)) for r in rows)
-        batch = collate_pairs(rows, width, self.pad,
-                              None if self.reference is None else self.reference["train"])
-        if self.noise:
-            batch.inputs = torch.from_numpy(add_noise(batch.inputs.numpy(), self.noise,
-                                                      self.noise_rng, self.n_vocab))
-        return batch.to(self.device)
-
-    def _val_batches(self, cfg: TrainConfig) -> list[PairBatch]:
-        rows = pack_rows(self.val.examples, self.n_ctx, self.packing)
-        rows = [rows[i] for i in np.random.default_rng(4).permutation(len(rows))]
-        rows = rows[:cfg.val_batch_count * cfg.val_batch_size]
-        self._val_rows = [rows[i:i + cfg.val_batch_size]
-                          for i in range(0, len(rows), cfg.val_batch_size)]
-        return self.collate_val()
-
-    def collate_val(self) -> list[PairBatch]:
-        """The validation batches (again, once the reference log-probs are known)."""
-        ref = None if self.reference is None else self.reference["val"]
-        return [collate_pairs(r, self.n_ctx if self.packing else max(sum(map(len, x)) for x in r),
-                              self.pad, ref) for r in self._val_rows]
+    def collate(self, rows: list[list[Pair]], width: int, validation: bool = False
+                ) -> PairBatch:
+        ref = None if self.reference is None else self.reference["val" if validation else "train"]
+        return collate_pairs(rows, width, self.pad, ref)
 
     def all_batches(self, which: str, batch_size: int) -> list[PairBatch]:
         """Every pair of the ``which`` ("train" or "val") set in order, one pair a row: what
