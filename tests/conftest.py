@@ -3,12 +3,17 @@ and the session's guard against processes that outlive their test (tests/bounded
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Decoding runs eagerly in the suite (and in the commands it starts): compiling the decode step
+# costs seconds per model and dtype. tests/test_capture.py turns it on and proves it equal.
+os.environ.setdefault("GPT2_CAPTURE", "0")
 
 import bounded  # noqa: E402
 import gpt2_vocab  # noqa: E402

@@ -121,11 +121,13 @@ def test_no_import_cycles():
 LAYERS = [
     "errors", "gpt2", "flags",           # bad input; the root (its public names load lazily)
     "files",                             # atomic writes, paths, checksums, TF bundles, downloads
-    "runtime", "model", "kernels", "quant",   # devices; the model; kernels swapped in outside
+    "runtime", "model", "kernels", "quant", "capture",  # devices; the model; kernels, int8
+                                         # and the compiled decode step, applied from outside
     "data",                              # records, text and token files, encoding, windows
     "tokenizer",                         # BPE, sentencepiece, chat templates, tokenizer training
     "io",                                # model formats, exports, loading a model to run it
-    "sampling", "conversation",          # decoding, chats
+    "decoder", "sampling", "speculative",    # the KV cache of rows; decoding; guesses checked
+    "conversation",                      # chats
     "perplexity", "evaluate",            # loss over a dataset (evaluate: its old name)
     "tasks", "lora",                     # benchmarks; adapters
     "training", "train",                 # the training loop (train: its old name)

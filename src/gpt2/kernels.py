@@ -8,11 +8,19 @@ the kernel PyTorch ships for its compiler: 1.2-2.5x ATen's sgemm for 1-64 rows, 
 ~256 rows (``bench/micro.py linear``). The swap changes each plain ``nn.Linear``'s class for the
 duration of the block (same parameters, same names, no copies); results differ from sgemm by
 fp32 rounding only. Set ``ONEDNN_MAX_ROWS = 0`` to keep ATen's kernels everywhere.
+
+The kernels are registered as operators (``torch.ops.gpt2.onednn_linear``,
+``torch.ops.gpt2.int8_linear``) so that a compiled decode step (:mod:`gpt2.capture`) calls them
+as they are: Inductor would otherwise lower a linear layer to MKL's packed sgemm (slower at one
+row here) or need the weights frozen into the graph, and cannot trace FBGEMM's packed weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import warnings
+import weakref
 from typing import Iterator
 
 import torch
@@ -45,7 +53,7 @@ class OneDNNLinear(nn.Linear):
                 and w.dtype == torch.float32 and type(w) in (nn.Parameter, torch.Tensor)
                 and x.numel() <= ONEDNN_MAX_ROWS * x.size(-1)
                 and not torch.is_autocast_enabled("cpu")):
-            return onednn_linear(x, w, self.bias)
+            return torch.ops.gpt2.onednn_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
 
 
@@ -53,6 +61,49 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   ) -> torch.Tensor:
     """``F.linear`` through oneDNN (the op inductor emits for CPU linear layers)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _out_like(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (rows,))
+
+
+# Operators, defined once per process, with a shape function for tracing (no Python wrapper
+# of torch.library.custom_op: a decode step calls them ~50 times a token).
+_lib = torch.library.Library("gpt2", "DEF")
+_lib.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_lib.impl("onednn_linear", lambda x, w, b: onednn_linear(x, w, b), "CPU")
+_lib.impl("onednn_linear", lambda x, w, b: _out_like(x, w.size(0)), "Meta")
+_lib.define("int8_linear(Tensor x, Tensor qweight, int handle) -> Tensor")
+
+# FBGEMM's packed int8 weights by handle: an operator takes tensors and numbers, not the packed
+# object, so Int8Linear registers its own and passes the handle (dropped with the layer).
+_packed: dict[int, object] = {}
+_handles = itertools.count()
+
+
+def pack_int8(owner: object, qweight: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None) -> int:
+    """Pack per-channel int8 weights for FBGEMM's dynamic linear; the handle for
+    ``torch.ops.gpt2.int8_linear`` lives as long as ``owner``."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated; the op is not
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(
+            qweight, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qt, bias)
+    handle = next(_handles)
+    _packed[handle] = packed
+    weakref.finalize(owner, _packed.pop, handle, None)
+    return handle
+
+
+def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, handle: int) -> torch.Tensor:
+    if x.dtype == torch.float32:  # the decoding case: nothing around the kernel (~50 a token)
+        return torch.ops.quantized.linear_dynamic(x, _packed[handle], True)
+    return torch.ops.quantized.linear_dynamic(x.float(), _packed[handle], True).to(x.dtype)
+
+
+_lib.impl("int8_linear", _int8_linear, "CPU")
+_lib.impl("int8_linear", lambda x, q, handle: _out_like(x, q.size(0)), "Meta")
 
 
 @contextlib.contextmanager

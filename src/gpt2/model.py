@@ -106,12 +106,23 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[batch, sequence, features] -> queries, keys, values [batch, heads, sequence,
+        head_dim] (views of one projection)."""
+        B, T, E = x.shape
+        return self.c_attn(x).view(B, T, 3, self.n_head, E // self.n_head).permute(
+            2, 0, 3, 1, 4).unbind(0)
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """Attention output [batch, heads, sequence, head_dim] -> projected [batch, sequence,
+        features] (before dropout)."""
+        B, _, T, _ = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
     def forward(self, x: torch.Tensor, past: LayerPast | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerPast]:
-        B, T, E = x.shape
-        # [batch, sequence, 3 x features] -> 3 x [batch, heads, sequence, head_dim] (views)
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, E // self.n_head).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        T = x.size(1)
+        q, k, v = self.heads(x)
         if past is not None:
             k, v = _extend(past[0], k), _extend(past[1], v)
         present = (k, v)
@@ -129,8 +140,7 @@ class Attention(nn.Module):
             # queries sit at the bottom-right: query i may see key j iff j <= i + (S - T).
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).reshape(B, T, E)
-        y = self.c_proj(y)
+        y = self.merge(y)
         return (self.resid_drop(y) if self.training else y), present
 
 
@@ -192,7 +202,9 @@ def empty_kv_cache(config: GPTConfig, batch: int, max_len: int | None = None,
     """
     max_len = config.n_ctx if max_len is None else max_len
     shape = (batch, config.n_head, max_len, config.head_dim)
-    return [tuple(torch.empty(shape, device=device, dtype=dtype)[:, :, :0] for _ in range(2))
+    # Zeros, not garbage, after the positions in use: a step that attends over the whole
+    # buffer with a mask (gpt2.capture) must not meet a NaN there (0 x NaN is NaN).
+    return [tuple(torch.zeros(shape, device=device, dtype=dtype)[:, :, :0] for _ in range(2))
             for _ in range(config.n_layer)]
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .io.tensors import unwrap
 from .model import token_loss
+from .quant import head_weight
 from .runtime import PRECISIONS, autocast
 
 # Rows of [*, n_vocab] logits materialised at once: bounds memory to ~400 MB for GPT-2's vocabulary.
@@ -90,6 +91,7 @@ def evaluate(model: torch.nn.Module, chunks, n_ctx: int | None = None,
     device = next(gpt.parameters()).device
     was_training = gpt.training
     gpt.eval()
+    head = head_weight(gpt)  # an int8 head's fp32 copy is made once, not per batch
     nll, bar = 0.0, tqdm(total=total, desc="evaluating", unit="tok", unit_scale=True,
                          disable=None if progress is None else not progress)
     try:
@@ -115,7 +117,7 @@ def evaluate(model: torch.nn.Module, chunks, n_ctx: int | None = None,
                 h, _ = gpt.hidden_states(x)
                 # Position p is predicted by the state at p - 1; only scored rows reach the head.
                 h, targets = h[rows, cols - 1], x[rows, cols]
-                nll += token_loss(h, gpt.lm_head.weight, targets, chunk=HEAD_ROWS,
+                nll += token_loss(h, head, targets, chunk=HEAD_ROWS,
                                   reduction="sum").item()
             bar.update(len(targets))
     finally:

@@ -6,27 +6,33 @@ and serve.
 Every linear layer of the blocks and the head becomes :class:`Int8Linear`: its weight rounded
 to int8 with one scale per output channel (symmetric, max |w| -> 127); the embeddings and the
 layer norms stay as they are (the head's int8 copy is separate from the fp32 token table it is
-tied to). The matmuls run in PyTorch's own int8 kernels, never one of ours:
+tied to). The matmuls run in PyTorch's own int8 kernels, never one of ours, chosen once when
+the layer is built (:func:`int8_kernel`):
 
-- CPU: FBGEMM's dynamically quantized linear (``quantized::linear_dynamic``), which also
-  rounds each input to 8 bits (one scale per call, from its range) and accumulates in int32;
-  on a CPU decoding one token at a time, where reading the weights is the cost, it reads a
-  quarter of the bytes of fp32;
-- CUDA, MPS and others: ``aten._weight_int8pack_mm`` (weight-only: the input stays in its
-  dtype); where it has no kernel, the dequantized weight (correct, not faster).
+- ``fbgemm`` (CPU): FBGEMM's dynamically quantized linear (``quantized::linear_dynamic``,
+  behind ``torch.ops.gpt2.int8_linear`` so that a compiled decode step calls it as it is),
+  which also rounds each input to 8 bits (one scale per call, from its range) and accumulates
+  in int32; decoding one token at a time, where reading the weights is the cost, it reads a
+  quarter of the bytes of fp32 (``bench/cpu_inference.py``: 4-7x faster than the weight-only
+  kernel below on this CPU, and than Inductor's dequantize-and-multiply pattern);
+- ``int8pack`` (CUDA): ``aten._weight_int8pack_mm``, weight-only (the input stays in its dtype);
+- ``dequantize`` (where neither runs): the weight dequantized per call (correct, not faster).
 
-Applied from outside the model (the model module has no precision branches), like compile and
-DDP. ``Int8Linear.weight`` is the dequantized weight, for code that reads a layer's weight
-directly (the chunked loss reads the head's).
+No fp32 copy of a weight is kept; :meth:`Int8Linear.dequantized` builds one on request (what a
+full-vocabulary loss over the head needs). Applied from outside the model (the model module has
+no precision branches), like compile and DDP.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernels import pack_int8
+
+KERNELS = ("fbgemm", "int8pack", "dequantize")
+_probed: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,10 +42,34 @@ def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
+def _int8pack_runs(device: torch.device) -> bool:
+    """Whether ``aten._weight_int8pack_mm`` has a kernel on this device (probed once each)."""
+    key = (device.type, torch.float32)
+    if key not in _probed:
+        try:
+            x = torch.ones(1, 32, device=device)
+            q = torch.ones(8, 32, dtype=torch.int8, device=device)
+            y = torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, device=device))
+            _probed[key] = bool(torch.all(y == 32))
+        except (NotImplementedError, RuntimeError):  # no kernel here: known, not hidden later
+            _probed[key] = False
+    return _probed[key]
+
+
+def int8_kernel(device: torch.device | str) -> str:
+    """The int8 matmul a layer on ``device`` uses (one of :data:`KERNELS`)."""
+    device = torch.device(device)
+    if device.type == "cpu" and torch.backends.quantized.engine in ("fbgemm", "x86"):
+        return "fbgemm"
+    if device.type != "cpu" and _int8pack_runs(device):
+        return "int8pack"
+    return "dequantize"
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (see the module docstring); inference only."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel: str | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scales = _per_channel(linear.weight)
@@ -47,34 +77,30 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
-        self._packed = None
-        if q.device.type == "cpu":
-            with warnings.catch_warnings():  # quantized tensors are deprecated; the op is not
-                warnings.simplefilter("ignore")
-                qt = torch._make_per_channel_quantized_tensor(
-                    q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
-                self._packed = torch.ops.quantized.linear_prepack(qt, bias)
+        self.kernel = int8_kernel(q.device) if kernel is None else kernel
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        self.handle = pack_int8(self, q, scales, bias) if self.kernel == "fbgemm" else -1
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight these int8 values and scales stand for (a new tensor each call)."""
         return self.qweight.float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and x.device.type == "cpu":
-            y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, x.size(-1)),
-                                                   self._packed, True)
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        rows = x.reshape(-1, x.size(-1)).contiguous()  # (some kernels index it as dense)
-        try:
+        if self.kernel == "fbgemm":
+            return torch.ops.gpt2.int8_linear(x, self.qweight, self.handle)
+        rows = x.reshape(-1, x.size(-1)).contiguous()  # (the kernel indexes it as dense)
+        if self.kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales.to(x.dtype))
-        except (NotImplementedError, RuntimeError):  # no int8 kernel for this device or dtype
-            y = F.linear(rows, self.weight.to(x.dtype))
+        else:
+            y = F.linear(rows, self.dequantized().to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+                f"kernel={self.kernel}")
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -87,3 +113,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                     setattr(parent, name, Int8Linear(child))
     model.lm_head = Int8Linear(model.lm_head)
     return model.eval().requires_grad_(False)
+
+
+def head_weight(model: nn.Module) -> torch.Tensor:
+    """The head's weight as a tensor, for a loss over the whole vocabulary: the parameter
+    itself, or an int8 head's dequantized copy (made once per call of this)."""
+    head = model.lm_head
+    return head.dequantized() if isinstance(head, Int8Linear) else head.weight

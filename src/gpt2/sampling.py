@@ -24,14 +24,16 @@ overrunning the position table.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from .capture import capture_enabled, shared_step
+from .decoder import Decoder
 from .kernels import decode_kernels
-from .model import empty_kv_cache
 
 
 def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -122,117 +124,11 @@ def check_params(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(problem)
 
 
-def _cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
-    """The dtype the attention keys and values will have: autocast's, else the weights'."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return next(model.parameters()).dtype
-
-
-class Decoder:
-    """Rows decoded together on one preallocated KV cache (use under ``torch.inference_mode``).
-
-        dec = Decoder(model, context, max_new)     # prefill: dec.logits is [B, n_vocab] fp32
-        dec.feed(tokens)                           # [B] ids -> the next dec.logits
-        dec.keep([0, 2])                           # rows 1, 3, ... leave (their cache with them)
-        dec.join(Decoder(model, other, max_new))   # more rows join (the server's batching)
-
-    Keys and values are written in place into buffers with room for ``max_new`` more positions
-    (no torch.cat of every layer per token), and the prompt's logits are computed for its last
-    position only (``prompt_logits=True``: every position's, kept as :attr:`prompt_logits`).
-    Neither changes a single number. Rows of different lengths share the cache left-padded,
-    the padding masked out (``GPT.forward(key_mask=...)``); while no row is padded the model is
-    called exactly as without ``join``.
-    """
-
-    def __init__(self, model: torch.nn.Module, context: torch.Tensor, max_new: int,
-                 prompt_logits: bool = False):
-        self.model = model
-        self.device = context.device
-        self.length = context.size(1)  # positions in use, padding included
-        self.capacity = self.length + max_new
-        self.pads = [0] * context.size(0)  # each row's left padding
-        self.mask: torch.Tensor | None = None  # [B, capacity] bool, True: a real token
-        past = empty_kv_cache(model.config, context.size(0), self.capacity, device=self.device,
-                              dtype=_cache_dtype(model, self.device))
-        logits, self.past = model(context, past=past, use_cache=True,
-                                  last_only=not prompt_logits)
-        self.prompt_logits = logits.float() if prompt_logits else None
-        self.logits = logits[:, -1, :].float()
-
-    @property
-    def rows(self) -> int:
-        return self.logits.size(0)
-
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row; returns (and keeps) the next last-position logits."""
-        padded = {}
-        if self.mask is not None:
-            if self.length == self.mask.size(1):
-                self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], 1)
-            self.mask[:, self.length] = True
-            padded = {"key_mask": self.mask[:, :self.length + 1]}
-        logits, self.past = self.model(tokens[:, None], past=self.past, use_cache=True, **padded)
-        self.length += 1
-        self.logits = logits[:, -1, :].float()
-        return self.logits
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order), copied into buffers that still have room; the
-        left padding all of them have is cut off."""
-        index = torch.tensor(rows, device=self.device)
-        self.pads = [self.pads[i] for i in rows]
-        trim = min(self.pads)
-        self.pads = [p - trim for p in self.pads]
-        self.length -= trim
-        self.capacity -= trim
-        self.logits = self.logits[index]
-        self.past = [(_regrow(k[index][:, :, trim:], self.capacity),
-                      _regrow(v[index][:, :, trim:], self.capacity)) for k, v in self.past]
-        self.mask = None if not max(self.pads) else self.mask[index][:, trim:].clone()
-
-    def join(self, other: Decoder) -> None:
-        """``other``'s rows join after these; whichever side is shorter is left-padded, and
-        every row keeps the room it had."""
-        length = max(self.length, other.length)
-        capacity = length + max(self.capacity - self.length, other.capacity - other.length)
-        mask = torch.zeros((self.rows + other.rows, capacity), dtype=torch.bool,
-                           device=self.device)
-        past = []
-        for mine, theirs in zip(self.past, other.past):
-            pair = []
-            for a, b in zip(mine, theirs):
-                buf = a.new_zeros((a.size(0) + b.size(0), a.size(1), capacity, a.size(3)))
-                buf[:a.size(0), :, length - self.length:length].copy_(a)
-                buf[a.size(0):, :, length - other.length:length].copy_(b)
-                pair.append(buf[:, :, :length])
-            past.append(tuple(pair))
-        for dec, rows, pad in ((self, slice(0, self.rows), length - self.length),
-                               (other, slice(self.rows, None), length - other.length)):
-            if dec.mask is None:
-                mask[rows, pad:length] = True
-            else:
-                mask[rows, pad:length] = dec.mask[:, :dec.length]
-        self.pads = [p + length - self.length for p in self.pads] + [
-            p + length - other.length for p in other.pads]
-        self.past, self.length, self.capacity = past, length, capacity
-        self.mask = mask if max(self.pads) else None
-        self.logits = torch.cat([self.logits, other.logits])
-
-
-def _regrow(cached: torch.Tensor, capacity: int) -> torch.Tensor:
-    """``cached`` [B, H, S, D] copied into a buffer of ``capacity`` positions (a view of S)."""
-    B, H, S, D = cached.shape
-    buf = torch.empty((B, H, capacity, D), dtype=cached.dtype, device=cached.device)
-    buf[:, :, :S].copy_(cached)
-    return buf[:, :, :S]
-
-
 def decode(model: torch.nn.Module, context: torch.Tensor | list[list[int]], length: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None,
            finished: Callable[[int, list[int]], bool] | None = None,
-           progress: bool | None = False) -> list[list[int]]:
+           progress: bool | None = False, speculator=None) -> list[list[int]]:
     """Continue each row of ``context`` [B, T] by up to ``length`` tokens: the new ids per row.
 
     ``context`` may also be a list of id lists of different lengths: each is prefilled on
@@ -240,7 +136,9 @@ def decode(model: torch.nn.Module, context: torch.Tensor | list[list[int]], leng
     row for which ``finished(row, its new ids)`` is true stops and leaves the batch; the loop
     ends when every row has finished or ``length`` tokens were made. The model runs in eval
     mode and inference mode, with the CPU decode kernels, and is put back as it was.
-    ``progress`` shows a tqdm bar (None: only when stderr is a terminal).
+    ``progress`` shows a tqdm bar (None: only when stderr is a terminal). ``speculator`` (a
+    :class:`gpt2.speculative.PromptLookup` or ``DraftModel``) guesses tokens that one forward
+    checks: greedy output is unchanged, samples keep the model's distribution.
     """
     if isinstance(context, torch.Tensor):
         contexts = [context]
@@ -256,8 +154,16 @@ def decode(model: torch.nn.Module, context: torch.Tensor | list[list[int]], leng
     was_training = model.training
     model.eval()
     try:
+        step = shared_step() if capture_enabled(length) else None
         with torch.inference_mode(), decode_kernels(model):
-            dec = Decoder(model, contexts[0], length)
+            if speculator is not None:
+                with tqdm(total=length * rows, desc="sampling", unit="tok", leave=False,
+                          disable=None if progress is None else not progress) as bar, \
+                        decode_kernels(speculator.model) if hasattr(speculator, "model") \
+                        else contextlib.nullcontext():
+                    return speculator.decode(model, contexts, length, temperature, top_k, top_p,
+                                             generator, finished, bar, step)
+            dec = Decoder(model, contexts[0], length, step=step)
             for c in contexts[1:]:
                 dec.join(Decoder(model, c, length))
             return _decode(dec, length, temperature, top_k, top_p, generator, finished,

@@ -1,0 +1,115 @@
+"""The one-token decode step as one compiled graph, applied from outside the model.
+
+    step = CapturedStep()                         # one per process is enough (see below)
+    logits = step(model, tokens, positions, index, cache, mask)
+
+A decoding step feeds one token per row: ``tokens`` and ``positions`` [B] (ids, and each row's
+position), ``index`` [1] (where the new keys go in the cache), ``cache`` one (keys, values) per
+layer, each a whole preallocated buffer [B, heads, C, head_dim] that the step writes into at
+``index``, and ``mask`` [B, C] (bool, True where a row has a real token, the new one included).
+Attending over the whole buffer with a mask, instead of over a view that grows by a position a
+step, keeps every shape fixed while a sequence grows: :func:`torch.compile` traces the step once
+(shapes symbolic: one graph for every batch size above 1 and every cache length, one more for a
+single row) and Inductor fuses what lies between the matmuls (layer norms, GELU, residual adds,
+the cache writes, attention's softmax) into C++ loops. The matmuls stay PyTorch's CPU kernels
+(``torch.ops.gpt2``, :mod:`gpt2.kernels`): oneDNN's fp32 matmul and FBGEMM's int8.
+
+The compiled code is kept on disk by Inductor (its FX graph cache, in
+``~/.cache/gpt2/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise): the first run
+pays for compiling, a later run for tracing and loading (``bench/capture.py``). Where compiling
+fails (no C++ compiler, a device Inductor does not support), :meth:`CapturedStep.__call__`
+returns None once and says so in one warning line; callers decode eagerly from then on.
+``GPT2_CAPTURE=0`` turns the captured step off (:func:`capture_enabled`).
+
+The numbers are those of eager decoding up to the order of a few sums (logits within 1e-5 in
+fp32; greedy tokens identical: tests/test_capture.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Decoding shorter than this many tokens stays eager: tracing (seconds, even with the compiled
+# code on disk) would cost more than it saves.
+MIN_TOKENS = 32
+
+
+def capture_enabled(tokens: int = MIN_TOKENS) -> bool:
+    """Whether a decode of ``tokens`` new tokens per row uses the captured step: from
+    ``MIN_TOKENS`` on, unless ``GPT2_CAPTURE`` is ``0`` (``1``: whatever the length)."""
+    setting = os.environ.get("GPT2_CAPTURE", "auto").strip().lower()
+    if setting in ("0", "off", "no", "false"):
+        return False
+    return setting in ("1", "on", "yes", "true") or tokens >= MIN_TOKENS
+
+
+def step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+         index: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]],
+         mask: torch.Tensor) -> torch.Tensor:
+    """One token per row through ``model`` (a :class:`gpt2.model.GPT`): last-position logits
+    [B, n_vocab] in fp32. Block.forward's wiring, with the cache written in place at ``index``
+    and attention over the whole buffer, ``mask`` leaving out what is not a row's token."""
+    x = model.wte(tokens[:, None]) + model.wpe(positions[:, None])
+    attend = mask[:, None, None, :]
+    for block, (keys, values) in zip(model.h, cache):
+        q, k, v = block.attn.heads(block.ln_1(x))
+        keys.index_copy_(2, index, k)
+        values.index_copy_(2, index, v)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend)
+        x = x + block.attn.merge(y)
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.ln_f(x))[:, -1].float()
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compile raises (not what a model's own error raises)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    errors: list[type[BaseException]] = [BackendCompilerFailed, InductorError]
+    try:
+        from torch._inductor.exc import CppCompileError
+        errors.append(CppCompileError)
+    except ImportError:  # older builds
+        pass
+    return tuple(errors)
+
+
+class CapturedStep:
+    """:func:`step` compiled (shapes symbolic), or eager after one failure to compile."""
+
+    failed: str | None = None  # why compiling failed in this process (then: eager)
+
+    def __init__(self) -> None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2" / "inductor"))
+        self._compiled = torch.compile(step, dynamic=True)
+
+    def __call__(self, model, tokens, positions, index, cache, mask) -> torch.Tensor | None:
+        """The step's logits, or None where compiling failed (then and ever after)."""
+        if CapturedStep.failed is not None:
+            return None
+        try:
+            return self._compiled(model, tokens, positions, index, cache, mask)
+        except _compile_errors() as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            CapturedStep.failed = reason[:200]
+            print(f"warning: decoding without a compiled step (torch.compile failed: "
+                  f"{CapturedStep.failed})", file=sys.stderr)
+            return None
+
+
+_shared: CapturedStep | None = None
+
+
+def shared_step() -> CapturedStep:
+    """The process's one :class:`CapturedStep` (its traces serve every model and batch)."""
+    global _shared
+    if _shared is None:
+        _shared = CapturedStep()
+    return _shared

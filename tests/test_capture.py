@@ -1,0 +1,141 @@
+"""The captured decode step (gpt2.capture): the same numbers as eager decoding (fp32 logits
+within 1e-5, greedy tokens identical in fp32, bf16 and int8, padded batches whose rows join and
+leave included), its compiled code reused from disk, and eager decoding with one warning line
+where compiling fails."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gpt2 import capture
+from gpt2.capture import CapturedStep
+from gpt2.kernels import decode_kernels
+from gpt2.model import GPT, GPTConfig
+from gpt2.quant import quantize_int8
+from gpt2.sampling import Decoder, decode
+
+CONFIG = GPTConfig(n_vocab=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+
+
+@pytest.fixture(scope="module")
+def inductor_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("inductor")
+
+
+@pytest.fixture(autouse=True)
+def captured(monkeypatch, inductor_dir):
+    """Capture on; compiled code kept in the test's directory, not the user's cache."""
+    monkeypatch.setenv("GPT2_CAPTURE", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+
+
+def model(clear: bool = False) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(CONFIG).eval()
+    if clear:  # logits far apart: a greedy token that rounding cannot flip (bf16, int8)
+        with torch.no_grad():
+            m.wte.weight.mul_(40)
+    return m
+
+
+def test_captured_step_equals_eager_step_by_step():
+    m = model()
+    context = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode(), decode_kernels(m):
+        eager, captured = Decoder(m, context, 30), Decoder(m, context, 30, step=CapturedStep())
+        for _ in range(29):
+            token = eager.logits.argmax(-1)
+            assert torch.equal(token, captured.logits.argmax(-1))
+            torch.testing.assert_close(captured.feed(token), eager.feed(token), rtol=0, atol=1e-5)
+        assert captured.length == eager.length == 34
+        assert all(torch.equal(a, b) or (a - b).abs().max() < 1e-5
+                   for layer_a, layer_b in zip(captured.past, eager.past)
+                   for a, b in zip(layer_a, layer_b))
+
+
+def test_padded_rows_that_join_and_leave_decode_as_eagerly():
+    """decode() of contexts of different lengths (left-padded, joined) whose rows finish at
+    different steps (the cache shrinks): the tokens eager decoding gives."""
+    m = model()
+    contexts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14]]
+
+    def finished(row, ids):
+        return len(ids) >= 8 + 7 * row
+
+    want = decode(m, contexts, 40, temperature=0, finished=finished)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPT2_CAPTURE", "0")
+        assert decode(m, contexts, 40, temperature=0, finished=finished) == want
+    # and sampling: the same draws from the same generator
+    draws = [decode(m, contexts[:2], 33, temperature=1.0, top_k=20,
+                    generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPT2_CAPTURE", "0")
+        assert decode(m, contexts[:2], 33, temperature=1.0, top_k=20,
+                      generator=torch.Generator().manual_seed(3)) == draws[0] == draws[1]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_bf16_and_int8_greedy_tokens_equal_eager(dtype, monkeypatch):
+    m = model(clear=True)
+    m = quantize_int8(copy.deepcopy(m)) if dtype == "int8" else m.to(torch.bfloat16)
+    context = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    want = decode(m, context, 40, temperature=0)
+    monkeypatch.setenv("GPT2_CAPTURE", "0")
+    assert decode(m, context, 40, temperature=0) == want
+
+
+def test_short_decodes_stay_eager_unless_asked(monkeypatch):
+    monkeypatch.setenv("GPT2_CAPTURE", "auto")
+    assert not capture.capture_enabled(capture.MIN_TOKENS - 1)
+    assert capture.capture_enabled(capture.MIN_TOKENS)
+    monkeypatch.setenv("GPT2_CAPTURE", "0")
+    assert not capture.capture_enabled(10_000)
+    monkeypatch.setenv("GPT2_CAPTURE", "1")
+    assert capture.capture_enabled(1)
+
+
+def test_compiled_code_is_reused_from_disk(tmp_path, monkeypatch):
+    """A new process (here: dynamo's in-memory state dropped) compiles nothing: Inductor's
+    compiled code comes back from the cache directory."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    m = model()
+    context = torch.tensor([[1, 2, 3]])
+    torch._dynamo.reset()
+    counters.clear()
+    want = decode(m, context, 35, temperature=0)
+    assert counters["inductor"]["fxgraph_cache_miss"] >= 1
+    assert any((tmp_path / "inductor").rglob("*.py"))
+    torch._dynamo.reset()
+    counters.clear()
+    assert decode(m, context, 35, temperature=0) == want
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+    torch._dynamo.reset()
+
+
+def test_without_a_compiler_decoding_is_eager_with_one_warning(tmp_path, monkeypatch, capsys):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    monkeypatch.setattr(CapturedStep, "failed", None)
+    monkeypatch.setattr(capture, "_shared", None)
+    torch._dynamo.reset()
+    m = model()
+    context = torch.tensor([[7, 8]])
+    try:
+        first = decode(m, context, 40, temperature=0)
+        second = decode(m, context, 40, temperature=0)
+    finally:
+        torch._dynamo.reset()
+    err = capsys.readouterr().err
+    assert err.count("warning: decoding without a compiled step") == 1, err
+    assert len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("GPT2_CAPTURE", "0")
+    assert first == second == decode(m, context, 40, temperature=0)

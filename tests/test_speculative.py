@@ -1,0 +1,111 @@
+"""Speculative decoding (gpt2.speculative): greedy output identical to plain decoding with
+prompt lookup and with a draft model (single rows, and padded batches whose rows finish at
+different steps), and sampling that keeps the model's distribution (Leviathan et al.'s rule),
+tested statistically on the rule alone and end to end."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gpt2.model import GPT, GPTConfig
+from gpt2.sampling import decode
+from gpt2.speculative import DraftModel, PromptLookup, accept, token_probs
+
+# chi-square critical values at p = 0.001 by degrees of freedom (a correct sampler fails one
+# in a thousand seeds; the seeds here are fixed, so a test either always passes or never)
+CHI2_999 = {5: 20.52, 7: 24.32, 63: 103.4}
+
+
+def target_and_draft(n_vocab: int = 96):
+    torch.manual_seed(0)
+    target = GPT(GPTConfig(n_vocab=n_vocab, n_ctx=128, n_embd=32, n_head=4, n_layer=2)).eval()
+    torch.manual_seed(1)
+    draft = GPT(GPTConfig(n_vocab=n_vocab, n_ctx=128, n_embd=16, n_head=2, n_layer=1)).eval()
+    return target, draft
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft", "self-draft"])
+def test_greedy_tokens_are_those_of_plain_decoding(kind):
+    target, draft = target_and_draft()
+    speculator = {"lookup": PromptLookup(5), "draft": DraftModel(draft, 3),
+                  "self-draft": DraftModel(target, 4)}[kind]  # (the last accepts everything)
+    contexts = [[1, 2, 3, 1, 2, 3, 1, 2], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14]]
+
+    def finished(row, ids):
+        return len(ids) >= 8 + 7 * row
+
+    assert decode(target, contexts, 40, temperature=0, finished=finished,
+                  speculator=speculator) == decode(target, contexts, 40, temperature=0,
+                                                   finished=finished)
+    one = torch.tensor([contexts[0] * 3])
+    assert decode(target, one, 60, temperature=0, speculator=speculator) == \
+        decode(target, one, 60, temperature=0)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    lookup = PromptLookup(tokens=3, max_ngram=2)
+    assert lookup.propose([5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6], 10) == [1, 2, 5]  # latest "5 6"
+    assert lookup.propose([5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6], 2) == [1, 2]     # the limit
+    assert lookup.propose([1, 2, 3, 4], 10) == []                             # nothing matches
+    assert lookup.propose([7, 3, 9, 4, 9], 10) == [4, 9]  # falls back to a 1-gram
+    with pytest.raises(ValueError):
+        PromptLookup(tokens=0)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was drawn"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_the_rule_keeps_the_target_distribution(draft):
+    """accept() with guesses drawn from q (a draft) or certain (prompt lookup): the first token
+    it yields is distributed as p, whatever q is."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 6, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(1, 6, generator=g) * 1.5, -1)
+    counts = torch.zeros(6)
+    for _ in range(20000):
+        guess = int(torch.multinomial(q[0], 1, generator=g)) if draft else 2
+        n, token = accept([guess], p, q if draft else None, False, g)
+        counts[guess if n == 1 else token] += 1
+    assert chi_square(counts, p[0]) < CHI2_999[5]
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft"])
+def test_sampled_pairs_have_the_models_distribution(kind):
+    """The first two sampled tokens (the second a guess kept or replaced) of 4,000 rows
+    decoded together (rows keep different numbers of guesses: their caches get holes) against
+    the model's exact joint distribution, top-k and temperature applied."""
+    target, draft = target_and_draft(n_vocab=8)
+    context = [3, 1, 3, 1, 3]
+    temperature, top_k = 0.8, 6
+    with torch.inference_mode():
+        first = token_probs(target(torch.tensor([context]))[0, -1], temperature, top_k, 1.0)
+        pairs = torch.tensor([context + [a] for a in range(8)])
+        second = token_probs(target(pairs)[:, -1], temperature, top_k, 1.0)
+    joint = (first[:, None] * second).flatten()
+    speculator = PromptLookup(3) if kind == "lookup" else DraftModel(draft, 3)
+    # 3 tokens: the first comes from the prompt's logits, the second is a checked guess
+    rows = decode(target, torch.tensor([context] * 4000), 3, temperature=temperature,
+                  top_k=top_k, generator=torch.Generator().manual_seed(0),
+                  speculator=speculator)
+    counts = torch.zeros(64)
+    for a, b, _ in rows:
+        counts[a * 8 + b] += 1
+    dof = int((joint > 0).sum()) - 1
+    assert chi_square(counts, joint) < CHI2_999.get(dof, 1.4 * dof + 20), dof
+
+
+def test_sampling_reproduces_with_a_seed():
+    target, draft = target_and_draft()
+    runs = [decode(target, torch.tensor([[1, 2, 3]]), 30, temperature=1.0, top_k=20,
+                   generator=torch.Generator().manual_seed(5), speculator=DraftModel(draft, 3))
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0][0]) == 30
+    assert list(itertools.chain(*runs[0])) != [runs[0][0][0]] * 30
