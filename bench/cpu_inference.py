@@ -1,6 +1,7 @@
 """CPU decoding at batch 1: our fp32 and int8 against llama.cpp's f32 and q8_0, same run.
 
-The same random 124M-shape weights (speed does not depend on the values), exported with
+"ours" decodes with the captured step (gpt2.capture: compiled once, before the timed rounds),
+"ours ... eager" without it. The same random 124M-shape weights (speed does not depend on the values), exported with
 ``gpt2 export --format gguf`` and run by llama.cpp through llama-cpp-python (built from its
 PyPI source distribution: ``pip install llama-cpp-python``). Each engine feeds the same 8-token
 prompt and then decodes ``--new`` tokens greedily, one at a time through its KV cache; the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                                           logits_all=True,
                                           verbose=False)
 
-    def ours(m):
+    def ours(m, captured):
         def run():
+            os.environ["GPT2_CAPTURE"] = "1" if captured else "0"
             with torch.inference_mode():
                 return sample_sequence(m, args.new, context, top_k=1)[0, len(prompt):].tolist()
         return run
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return out
         return run
 
-    engines = {"ours fp32": ours(model), "ours int8": ours(ours_int8),
+    engines = {"ours fp32": ours(model, True), "ours int8": ours(ours_int8, True),
+               "ours fp32 eager": ours(model, False), "ours int8 eager": ours(ours_int8, False),
                "llama.cpp f32": llama(llamas["f32"]), "llama.cpp q8_0": llama(llamas["q8_0"])}
     outputs = {name: fn() for name, fn in engines.items()}  # warm-up, and the greedy tokens
     seconds = {name: [] for name in engines}
@@ -133,7 +137,7 @@ def profile(engines, rate, fed: int, new: int) -> None:
     print("|---|---|---|---|---|")
     matmuls = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm",
                "quantized::linear_dynamic", "aten::_weight_int8pack_mm")
-    for name in ("ours fp32", "ours int8"):
+    for name in ("ours fp32", "ours int8", "ours fp32 eager", "ours int8 eager"):
         with torch.profiler.profile() as prof:
             engines[name]()
         stats = prof.key_averages()

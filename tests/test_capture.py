@@ -139,3 +139,37 @@ def test_without_a_compiler_decoding_is_eager_with_one_warning(tmp_path, monkeyp
     assert len(err.strip().splitlines()) == 1, err
     monkeypatch.setenv("GPT2_CAPTURE", "0")
     assert first == second == decode(m, context, 40, temperature=0)
+
+
+def test_the_server_engine_decodes_with_the_captured_step_as_eagerly(monkeypatch):
+    """Requests of different lengths joining one batch and leaving it (continuous batching):
+    each gets the tokens it gets without the captured step."""
+    import threading
+
+    from gpt2.serve.engine import Choice, Engine, Params
+
+    class Ids:
+        eot_token, n_vocab = 0, CONFIG.n_vocab
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    def serve_all(m) -> list[list[int]]:
+        engine = Engine(m, Ids(), max_batch=4)
+        assert (engine.step is not None) == (capture.capture_enabled())
+        done = [threading.Event() for _ in range(5)]
+        choices = [Choice([1 + i] * (1 + 2 * i), Params(max_tokens=10 + 5 * i, temperature=0),
+                          lambda e, d=d: e[0] in ("done", "error") and d.set())
+                   for i, d in enumerate(done)]
+        engine.start()
+        try:
+            engine.submit(choices)
+            assert all(d.wait(120) for d in done)
+        finally:
+            engine.stop()
+        return [c.ids for c in choices]
+
+    m = model()
+    captured = serve_all(m)
+    monkeypatch.setenv("GPT2_CAPTURE", "0")
+    assert serve_all(m) == captured

@@ -121,7 +121,8 @@ def test_no_import_cycles():
 LAYERS = [
     "errors", "gpt2", "flags",           # bad input; the root (its public names load lazily)
     "files",                             # atomic writes, paths, checksums, TF bundles, downloads
-    "runtime", "model", "kernels", "quant", "capture",  # devices; the model; kernels, int8
+    "runtime", "model", "kernels", "attention", "quant", "capture",  # devices; the model;
+                                         # kernels, document masks, int8
                                          # and the compiled decode step, applied from outside
     "data",                              # records, text and token files, encoding, windows
     "tokenizer",                         # BPE, sentencepiece, chat templates, tokenizer training

@@ -6,6 +6,7 @@ tested statistically on the rule alone and end to end."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -109,3 +110,66 @@ def test_sampling_reproduces_with_a_seed():
             for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0][0]) == 30
     assert list(itertools.chain(*runs[0])) != [runs[0][0][0]] * 30
+
+
+@pytest.fixture
+def model_dirs(gpt2_vocab_dir, tmp_path):
+    from gpt2.io.model_dir import save_model
+    from helpers import make_model
+
+    big = save_model(make_model(GPTConfig(n_vocab=50257, n_ctx=64, n_embd=32, n_head=2,
+                                          n_layer=2)), tmp_path / "big",
+                     encoder_dir=gpt2_vocab_dir)
+    small = save_model(make_model(GPTConfig(n_vocab=50257, n_ctx=64, n_embd=16, n_head=2,
+                                            n_layer=1)), tmp_path / "small",
+                       encoder_dir=gpt2_vocab_dir)
+    return big, small
+
+
+def test_generate_and_chat_take_prompt_lookup_and_a_draft(model_dirs, tmp_path, capsys):
+    from gpt2.commands.generate import main
+
+    big, small = model_dirs
+    prompt = "the cat sat on the mat. the cat sat on the mat. the cat"
+    base = [str(big), "--prompt", prompt, "--length", "20", "--temperature", "0"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--prompt_lookup", "8"], ["--draft", str(small), "--draft_tokens", "3"]):
+        assert main(base + extra) == 0
+        assert capsys.readouterr().out == plain, extra
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi there, hi there"}]}\n')
+    chat = [str(big), "--chat", "--prompts", str(chats), "--length", "12", "--temperature", "0"]
+    assert main(chat) == 0
+    plain = capsys.readouterr().out
+    assert main(chat + ["--draft", str(small)]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_bad_speculation_flags_are_one_line_errors(model_dirs, tmp_path, gpt2_vocab_dir):
+    import sys
+
+    import bounded
+
+    from gpt2.io.model_dir import save_model
+    from helpers import make_model
+
+    big, small = model_dirs
+    from gpt2.tokenizer.bpe import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode()[b] for b in range(256))}
+    vocab["<|endoftext|>"] = 256
+    (tmp_path / "bytes").mkdir()
+    (tmp_path / "bytes" / "encoder.json").write_text(json.dumps(vocab))
+    (tmp_path / "bytes" / "vocab.bpe").write_text("#version: 0.2\n")
+    other = save_model(make_model(GPTConfig(n_vocab=257, n_ctx=64, n_embd=16, n_head=2,
+                                            n_layer=1)), tmp_path / "other",
+                       encoder_dir=tmp_path / "bytes")
+    for flags, message in ((["--draft", str(other)], "tokenizer or vocabulary differs"),
+                           (["--prompt_lookup", "-1"], "--prompt_lookup must be"),
+                           (["--draft", str(small), "--prompt_lookup", "3"], "choose one"),
+                           (["--draft", str(small), "--draft_tokens", "0"], "--draft_tokens")):
+        r = bounded.run([sys.executable, "-m", "gpt2", "generate", str(big), "--prompt", "hi",
+                         "--length", "4", *flags], timeout=60)
+        assert r.returncode != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -63,7 +63,7 @@ def prompt_ids(template, encoder, messages: list[dict], n_ctx: int, max_new: int
 def reply(model: torch.nn.Module, encoder, ids: list[int], max_new: int,
           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
           generator: torch.Generator | None = None,
-          on_text: Callable[[str], None] | None = None) -> tuple[str, str]:
+          on_text: Callable[[str], None] | None = None, speculator=None) -> tuple[str, str]:
     """The reply to a prompt, and why it ended: ``stop`` (``<|endoftext|>``) or ``length``.
     ``on_text`` receives the text as it comes (whole characters only)."""
     eot = encoder.eot_token
@@ -82,7 +82,8 @@ def reply(model: torch.nn.Module, encoder, ids: list[int], max_new: int,
 
     device = next(model.parameters()).device
     context = torch.tensor([ids], dtype=torch.long, device=device)
-    new = decode(model, context, max_new, temperature, top_k, top_p, generator, finished)[0]
+    new = decode(model, context, max_new, temperature, top_k, top_p, generator, finished,
+                 speculator=speculator)[0]
     tail = utf8.decode(b"", final=True)
     if tail:
         parts.append(tail)

@@ -128,7 +128,10 @@ class Attention(nn.Module):
         present = (k, v)
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        if mask is not None:  # rows of different lengths, left-padded: [B, 1, T, S]
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            # packed rows through an attention of its own (gpt2.attention's document mask)
+            y = mask.attend(q, k, v)
+        elif mask is not None:  # rows of different lengths, left-padded: [B, 1, T, S]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -144,17 +147,21 @@ class Attention(nn.Module):
         return (self.resid_drop(y) if self.training else y), present
 
 
-def _segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (counted from each segment's start) and the [B, 1, T, T] attention mask of
-    packed sequences: causal, and within a segment only."""
+def _segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions of packed sequences, counted from each segment's start."""
     B, T = segments.shape
     index = torch.arange(T, device=segments.device).expand(B, T)
     starts = torch.ones_like(segments, dtype=torch.bool)
     starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
     first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
+
+
+def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The [B, 1, T, T] attention mask of packed sequences: causal, and within a segment only."""
+    T = segments.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    same = segments[:, None, :, None] == segments[:, None, None, :]
-    return index - first, same & causal
+    return (segments[:, None, :, None] == segments[:, None, None, :]) & causal
 
 
 def _padded_causal(key_mask: torch.Tensor, T: int, past_len: int) -> torch.Tensor:
@@ -248,6 +255,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.lm_head = nn.Linear(config.n_embd, config.n_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2: logits = h @ wte^T
+        # How packed rows (segments=) attend: None, a dense mask; else a callable set from
+        # outside (gpt2.attention.use_document_masking) giving an object with .attend(q, k, v).
+        self.segment_mask = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -293,7 +303,10 @@ class GPT(nn.Module):
             if past is not None or key_mask is not None or positions is not None:
                 raise ValueError("segments= packs whole sequences: past, key_mask and "
                                  "positions do not apply to it")
-            positions, mask = _segment_layout(segments)
+            positions = _segment_positions(segments)
+            # the dense mask, or an attention object set from outside (gpt2.attention)
+            mask = (_segment_mask(segments) if self.segment_mask is None
+                    else self.segment_mask(segments))
         elif key_mask is None and positions is None:
             if past_len + T > self.config.n_ctx:
                 raise ValueError(f"sequence of {past_len + T} tokens is longer than n_ctx "

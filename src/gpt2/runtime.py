@@ -72,13 +72,14 @@ class Backend:
     compile_backend: str        # torch.compile(backend=...)
     compile_by_default: bool
     fused_optimizer: bool       # torch's fused Adam/AdamW kernels run there
+    flex_training: bool = False  # FlexAttention trains there (the CPU: no backward, torch 2.13)
 
 
 BACKENDS = {b.type: b for b in (
     Backend("cpu", "the CPU", "", PRECISIONS, "fp32", "gloo", "inductor", False, True),
     Backend("cuda", "an NVIDIA or AMD GPU (CUDA/ROCm)",
             "a CUDA (or ROCm) build of torch and a GPU driver: see https://pytorch.org",
-            PRECISIONS, "bf16", "nccl", "inductor", True, True),
+            PRECISIONS, "bf16", "nccl", "inductor", True, True, flex_training=True),
     Backend("xpu", "an Intel GPU (XPU)",
             "a torch build with XPU support: pip install torch --index-url "
             "https://download.pytorch.org/whl/xpu", PRECISIONS, "bf16", "xccl", "inductor",

@@ -275,8 +275,8 @@ def cut_at_stop(text: str, stop: list[str]) -> int | None:
 
 def complete(model: torch.nn.Module, enc, contexts: torch.Tensor | list[list[int]],
              length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop: list[str] | None = None, generator: torch.Generator | None = None
-             ) -> list[str]:
+             stop: list[str] | None = None, generator: torch.Generator | None = None,
+             speculator=None) -> list[str]:
     """Each context (rows of a tensor, or id lists of any lengths) continued by up to
     ``length`` tokens, decoded, and cut before its first stop string; a row that produced one
     stops generating, and the loop ends when every row has (:func:`decode`)."""
@@ -291,14 +291,14 @@ def complete(model: torch.nn.Module, enc, contexts: torch.Tensor | list[list[int
         return cut is not None
 
     new = decode(model, contexts, length, temperature, top_k, top_p, generator,
-                 finished if stops else None)
+                 finished if stops else None, speculator=speculator)
     return [texts[i] if i in texts else enc.decode(ids) for i, ids in enumerate(new)]
 
 
 def generate_batch(model: torch.nn.Module, enc, context: list[int], n: int, length: int,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   stop: list[str] | None = None, generator: torch.Generator | None = None
-                   ) -> list[str]:
+                   stop: list[str] | None = None, generator: torch.Generator | None = None,
+                   speculator=None) -> list[str]:
     """``n`` continuations of one ``context`` (token ids), decoded, each cut at its first stop.
 
     ``enc`` needs only ``decode(ids) -> str``. A row that produced a stop string stops
@@ -306,4 +306,5 @@ def generate_batch(model: torch.nn.Module, enc, context: list[int], n: int, leng
     """
     device = next(model.parameters()).device
     x = torch.tensor([context] * n, dtype=torch.long, device=device)
-    return complete(model, enc, x, length, temperature, top_k, top_p, stop, generator)
+    return complete(model, enc, x, length, temperature, top_k, top_p, stop, generator,
+                    speculator)

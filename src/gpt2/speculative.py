@@ -71,9 +71,11 @@ def accept(guesses: list[int], target: torch.Tensor, draft: torch.Tensor | None,
 
 
 class Speculator:
-    """What :func:`gpt2.sampling.decode` calls with ``speculator=``: :func:`run`."""
+    """What :func:`gpt2.sampling.decode` calls with ``speculator=``: :func:`run`. ``guessed``
+    and ``kept`` count the guesses checked and kept (the acceptance rate is their ratio)."""
 
     tokens: int
+    guessed = kept = 0
 
     def decode(self, *args, **kwargs) -> list[list[int]]:
         return run(self, *args, **kwargs)
@@ -170,8 +172,8 @@ def run(speculator, model: torch.nn.Module, contexts: list[torch.Tensor], length
                 new[row].append(token)
                 ids[row].append(token)
                 bar.update()
-                if len(new[row]) >= length or (finished is not None
-                                               and finished(row, new[row])):
+                stop = finished is not None and finished(row, new[row])  # (the last too)
+                if stop or len(new[row]) >= length:
                     break
             else:
                 keep.append(j)
@@ -203,6 +205,8 @@ def run(speculator, model: torch.nn.Module, contexts: list[torch.Tensor], length
             n, token = accept(g, probs[j, :len(g) + 1],
                               None if dists is None else dists[j, :len(g)], greedy, generator)
             kept.append(1 + n)
+            speculator.guessed += len(g)
+            speculator.kept += n
             after.append(logits[j, n])
             chosen.append(g[:n] + [token])
             pending.append(token)

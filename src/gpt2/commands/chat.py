@@ -21,7 +21,8 @@ from ..conversation import prompt_ids, reply
 from ..errors import UserError
 from ..io.inference import load_for_inference
 from ..tokenizer.chat import ChatTemplate
-from .common import add_dtype_argument, check_sampling_flags, generator_for
+from .common import (add_dtype_argument, add_speculation_arguments, check_sampling_flags,
+                     generator_for, speculator_for)
 
 PROMPT = "> "
 
@@ -41,6 +42,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: the accelerator if "
                    "there is one)")
     add_dtype_argument(p)
+    add_speculation_arguments(p)
     return p
 
 
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tokens >= n_ctx:
         raise UserError(f"--max_tokens {args.max_tokens} leaves no room for the conversation "
                         f"in n_ctx {n_ctx}")
+    speculator = speculator_for(args, model, enc, device)
     template = ChatTemplate.for_model(model_dir, args.chat_template)
     generator = generator_for(device, args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{dropped} turn(s) are forgotten)", file=sys.stderr, flush=True)
             text, _ = reply(model, enc, ids, args.max_tokens, args.temperature, args.top_k,
                             args.top_p, generator,
-                            on_text=lambda t: print(t, end="", flush=True))
+                            on_text=lambda t: print(t, end="", flush=True),
+                            speculator=speculator)
             print(flush=True)
             turns.append({"role": "assistant", "content": template.content_of(text)})
     except KeyboardInterrupt:

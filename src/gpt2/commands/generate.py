@@ -30,7 +30,8 @@ from ..files.atomic import atomic_write
 from ..data.records import field_text, file_kind, parse_json, records
 from ..io.inference import load_for_inference
 from ..sampling import generate_batch
-from .common import add_dtype_argument, check_sampling_flags, generator_for
+from .common import (add_dtype_argument, add_speculation_arguments, check_sampling_flags,
+                     generator_for, speculator_for)
 
 DELIMITER = "=" * 20
 
@@ -119,6 +120,7 @@ def build_parser() -> ArgumentParser:
                         "gpt2's own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     add_dtype_argument(p)
+    add_speculation_arguments(p)
     return p
 
 
@@ -147,7 +149,7 @@ def _write_replies(write, model, enc, chats: list[list[dict]], length: int, args
         ids, dropped = prompt_ids(template, enc, messages, model.config.n_ctx, length)
         for index in range(args.nsamples):
             text, reason = reply(model, enc, ids, length, args.temperature, args.top_k,
-                                 args.top_p, generator)
+                                 args.top_p, generator, speculator=args.speculator)
             record = {"messages": messages, "reply": template.content_of(text),
                       "finish_reason": reason,
                       "dropped_turns": dropped, "index": index, "settings": settings}
@@ -168,7 +170,7 @@ def _write_samples(write, model, enc, prompts: list[str], conditional: bool, len
         while done < args.nsamples:
             n = min(args.batch_size, args.nsamples - done)
             texts = generate_batch(model, enc, ids, n, length, args.temperature, args.top_k,
-                                   args.top_p, args.stop, generator)
+                                   args.top_p, args.stop, generator, args.speculator)
             for text in texts:
                 record = {"prompt": shown if conditional else None,
                           "sample": shown + text if args.include_prompt else text,
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     length = args.length or n_ctx // 2
     if length > n_ctx:
         raise UserError(f"--length {length} is larger than the model's n_ctx {n_ctx}")
+    args.speculator = speculator_for(args, model, enc, device)
     generator = generator_for(device, args.seed)
     settings = {"model": str(model_dir), "length": length, "temperature": args.temperature,
                 "top_k": args.top_k, "top_p": args.top_p, "seed": generator.initial_seed(),

@@ -24,7 +24,9 @@ from typing import Callable
 import torch
 
 from ..kernels import decode_kernels
-from ..sampling import Decoder, StopStrings, next_token
+from ..capture import capture_enabled, shared_step
+from ..decoder import Decoder
+from ..sampling import StopStrings, next_token
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Engine:
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="gpt2-serve-engine", daemon=True)
         self.decoder: Decoder | None = None  # the rows' cache, in the order of self.rows
+        # the captured decode step (gpt2.capture): compiled before the first request is taken
+        self.step = shared_step() if capture_enabled() else None
 
     # -- the outside -----------------------------------------------------------------------
 
@@ -101,8 +105,18 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def _warm_up(self) -> None:
+        """Compile the captured step for one row and for several (two traces) up front."""
+        x = torch.tensor([[self.eot or 0]], device=self.device)
+        decoder = Decoder(self.model, x, 2, step=self.step)
+        decoder.feed(x[:, 0])
+        decoder.join(Decoder(self.model, x, 2))
+        decoder.feed(x[:, 0].repeat(2))
+
     def _run(self) -> None:
         with torch.inference_mode(), decode_kernels(self.model):
+            if self.step is not None:
+                self._warm_up()
             while True:
                 with self.cond:
                     while not (self.rows or self.waiting or self.stopping):
@@ -189,7 +203,8 @@ class Engine:
         p = choice.params
         x = torch.tensor([choice.prompt], device=self.device)
         want_prompt = p.echo and p.logprobs is not None
-        decoder = Decoder(self.model, x, p.max_tokens, prompt_logits=want_prompt)
+        decoder = Decoder(self.model, x, p.max_tokens, prompt_logits=want_prompt,
+                          step=self.step)
         if want_prompt:
             logits = decoder.prompt_logits
             entries = [None] + [self._entry(logits[0, t], choice.prompt[t + 1], p.logprobs)

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ..attention import FLEX, use_document_masking
+from ..attention import resolve as resolve_attention
 from ..errors import UserError
 from ..io.model_dir import load_model
 from ..lora import (apply_lora, count_trainable, load_lora, merged_model, parse_targets,
@@ -182,6 +184,11 @@ def build_training_model(cfg: TrainConfig, start: Start, dist: DistInfo,
     model, lora_base = starting_model(cfg, start.point, start.config, start.seed, log)
     compiled = cfg.compile if cfg.compile is not None else \
         backend_of(dist.device).compile_by_default
+    try:
+        if resolve_attention(cfg.packed_attention, dist.device) == FLEX:
+            use_document_masking(model)
+    except ValueError as e:
+        raise UserError(f"--packed_attention {cfg.packed_attention}: {e}") from None
     parallel = parallelize(model.to(dist.device).train(), dist, fsdp=cfg.fsdp, compile=compiled,
                            checkpoint_blocks=blocks)
     return TrainingModel(parallel, lora_base, precision, compiled, blocks, cfg.loss_chunk)

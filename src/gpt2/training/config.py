@@ -149,6 +149,11 @@ class TrainConfig:
     compile: bool | None = flag(None, "torch.compile the model with the device's backend "
                                 "(default: on for CUDA, XPU and TPU; off for the CPU and MPS).",
                                 shown="on for GPUs, TPUs")
+    packed_attention: str = flag(
+        "auto", "How packed rows (several sequences in a row) attend: dense (a [T, T] mask per "
+        "row), flex (FlexAttention's document mask: no dense mask, blocks no query sees are "
+        "skipped; GPUs) or auto (flex on CUDA, dense elsewhere).",
+        choices=("auto", "dense", "flex"))
     memory_saving_blocks: str = flag(
         "all", "Blocks to checkpoint with --memory_saving_gradients: all, every:N, or a list "
         "like 0,3,5.", metavar="WHICH")
