@@ -23,6 +23,8 @@ backend and precisions); where a device cannot run one, the report says why inst
    1 and 16 (top-k 40, same weights).
 4. **memory**: peak memory of a 3-step fine-tune (train.py in a fresh process, batch 1 x 1024)
    of 355M/774M/1558M under each memory option, against the estimate train.py prints.
+5. **packed**: tokens/s of a training step on packed rows with the dense mask and with
+   FlexAttention's document mask (``--packed_attention``).
 
 The figures are appended, dated, to bench/RESULTS.md (``--results`` elsewhere) and printed.
 """
@@ -366,8 +368,61 @@ def versions(device: torch.device) -> str:
 
 # --- the run ----------------------------------------------------------------------------------
 
+# --- 5. packed rows: the dense mask against FlexAttention's document mask ----------------------
+
+def stage_packed(args, device, report: Report) -> None:
+    """A training step on packed rows (documents of 32-256 tokens in 1024-token rows, as chat
+    and preference data are packed), attending through the dense [T, T] mask and through
+    FlexAttention's document mask (``--packed_attention``); the same first loss both ways."""
+    from gpt2.attention import flex_problem, use_document_masking
+
+    config = TINY if args.quick else SHAPES["124M"]
+    batch, steps = (2, 3) if args.quick else (12, 20)
+    amp = runtime.DTYPES[mixed_precision(device)]
+    g = torch.Generator().manual_seed(0)
+    segments = torch.empty(batch, config.n_ctx, dtype=torch.long)
+    for row in segments:
+        at, doc = 0, 0
+        while at < config.n_ctx:
+            n = int(torch.randint(4 if args.quick else 32, 17 if args.quick else 257, (),
+                                  generator=g))
+            row[at:at + n] = doc
+            at, doc = at + n, doc + 1
+    segments = segments.to(device)
+    report.add(f"Packed rows, {'tiny' if args.quick else '124M'} shape, batch {batch} x "
+               f"{config.n_ctx}, {int(segments.max()) + 1} documents in a row at most, "
+               f"{precision_name(amp)} autocast, eager model, {steps} timed steps.", "",
+               "| attention | tokens/s | step ms | peak GiB | first loss |", "|---|---|---|---|---|")
+    rates = {}
+    for kind in ("dense", "flex"):
+        problem = flex_problem(device) if kind == "flex" else None
+        if problem:
+            report.add(f"| {kind} | - | - | - | {problem} |")
+            continue
+
+        def make(kind=kind):
+            torch.manual_seed(0)
+            model = GPT(config).to(device).train()
+            if kind == "flex":
+                use_document_masking(model)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            return lambda x, y: model(x, targets=x, segments=segments), opt
+
+        r = time_train(make, config, device, batch, steps, amp)
+        rates[kind] = r["tokens_per_s"]
+        report.add(f"| {kind} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
+                   f"{r['peak_gib']:.2f} | {r['loss']:.4f} |")
+    if len(rates) == 2:
+        report.add("", f"flex / dense: {rates['flex'] / rates['dense']:.2f}x")
+    report.add("")
+
+
+def precision_name(dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
 STAGES = {"train": stage_train, "fp16": stage_fp16, "sample": stage_sample,
-          "memory": stage_memory}
+          "memory": stage_memory, "packed": stage_packed}
 
 
 def main(argv: list[str] | None = None) -> int:

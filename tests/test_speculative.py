@@ -52,6 +52,8 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert lookup.propose([5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6], 2) == [1, 2]     # the limit
     assert lookup.propose([1, 2, 3, 4], 10) == []                             # nothing matches
     assert lookup.propose([7, 3, 9, 4, 9], 10) == [4, 9]  # falls back to a 1-gram
+    # in a repeating run the latest match has one token after it: an earlier one has more
+    assert lookup.propose([1, 2, 5, 5, 5, 5, 5, 5], 10) == [5, 5, 5]
     with pytest.raises(ValueError):
         PromptLookup(tokens=0)
 

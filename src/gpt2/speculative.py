@@ -93,15 +93,22 @@ class PromptLookup(Speculator):
         self.tokens, self.max_ngram, self.min_ngram = tokens, max_ngram, min_ngram
 
     def propose(self, ids: list[int], limit: int) -> list[int]:
-        """Up to ``min(tokens, limit)`` guesses to follow ``ids``; [] where nothing matches."""
+        """Up to ``min(tokens, limit)`` guesses to follow ``ids``; [] where nothing matches.
+        The latest match with that many tokens after it wins; else the one with the most
+        (a match near the end has few: in a repeating run the latest one has a single)."""
         limit = min(self.tokens, limit)
         if limit <= 0:
             return []
         for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
-            tail = ids[-n:]
+            tail, best = ids[-n:], []
             for start in range(len(ids) - n - 1, -1, -1):  # latest match first
                 if ids[start:start + n] == tail:
-                    return ids[start + n:start + n + limit]
+                    follow = ids[start + n:start + n + limit]
+                    if len(follow) == limit:
+                        return follow
+                    best = max(best, follow, key=len)
+            if best:
+                return best
         return []
 
 
