@@ -15,7 +15,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 "$py" -m pip install -q --disable-pip-version-check -e ".[test]"
 if [ $# -eq 0 ]; then
-    set -- -m "not slow" -n auto
+    set -- -m "not slow" -n auto --dist loadgroup
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 exec "$py" -m pytest "$@"

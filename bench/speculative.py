@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passages", type=int, default=8)
     p.add_argument("--lookup", type=int, default=10, help="prompt lookup tokens")
     p.add_argument("--target_shape", default="774M", help="the target's shape in the replay")
+    p.add_argument("--replay_passages", type=int, default=4,
+                   help="passages whose rounds are replayed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if target is None:
             del big
             target = GPT(SHAPES[tshape]).eval()
-        flat = [r for prompt in rounds for r in prompt]
+        flat = [r for prompt in rounds[:args.replay_passages] for r in prompt]
         tokens, spec_s, plain_s = replay(target, small, n_ctx // 2, flat, args.rounds)
         print(f"| {label} | {tshape} | {dshape} | {tokens} | {tokens / plain_s:.1f} | "
               f"{tokens / spec_s:.1f} | **{plain_s / spec_s:.2f}x** |")

@@ -17,6 +17,10 @@ from gpt2.model import GPT, GPTConfig
 from gpt2.quant import quantize_int8
 from gpt2.sampling import Decoder, decode
 
+# One worker runs these (./test.sh: --dist loadgroup): Inductor's first compile in a process
+# costs ~10 s, paid once instead of on every worker.
+pytestmark = pytest.mark.xdist_group("compile")
+
 CONFIG = GPTConfig(n_vocab=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
 
 

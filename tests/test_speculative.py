@@ -148,17 +148,17 @@ def test_generate_and_chat_take_prompt_lookup_and_a_draft(model_dirs, tmp_path, 
     assert capsys.readouterr().out == plain
 
 
-def test_bad_speculation_flags_are_one_line_errors(model_dirs, tmp_path, gpt2_vocab_dir):
+def test_bad_speculation_flags_are_one_line_errors(model_dirs, tmp_path):
     import sys
 
     import bounded
-
+    from gpt2.commands.generate import main
+    from gpt2.errors import UserError
     from gpt2.io.model_dir import save_model
+    from gpt2.tokenizer.bpe import bytes_to_unicode
     from helpers import make_model
 
     big, small = model_dirs
-    from gpt2.tokenizer.bpe import bytes_to_unicode
-
     vocab = {c: i for i, c in enumerate(bytes_to_unicode()[b] for b in range(256))}
     vocab["<|endoftext|>"] = 256
     (tmp_path / "bytes").mkdir()
@@ -171,7 +171,51 @@ def test_bad_speculation_flags_are_one_line_errors(model_dirs, tmp_path, gpt2_vo
                            (["--prompt_lookup", "-1"], "--prompt_lookup must be"),
                            (["--draft", str(small), "--prompt_lookup", "3"], "choose one"),
                            (["--draft", str(small), "--draft_tokens", "0"], "--draft_tokens")):
-        r = bounded.run([sys.executable, "-m", "gpt2", "generate", str(big), "--prompt", "hi",
-                         "--length", "4", *flags], timeout=60)
-        assert r.returncode != 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        with pytest.raises(UserError, match=message):
+            main([str(big), "--prompt", "hi", "--length", "4", *flags])
+    # and as the command line shows it: one line, no traceback
+    r = bounded.run([sys.executable, "-m", "gpt2", "generate", str(big), "--prompt", "hi",
+                     "--length", "4", "--draft", str(other)], timeout=60)
+    assert r.returncode != 0 and r.stderr.startswith("error: --draft "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_the_server_checks_prompt_lookup_guesses_for_all_rows_at_once():
+    """The engine's continuous batching with prompt lookup: requests of different lengths
+    and settings joining and leaving; greedy rows get exactly the plain engine's tokens, and
+    sampled rows run (their distribution: the rule's tests above)."""
+    import threading
+
+    from gpt2.serve.engine import Choice, Engine, Params
+
+    target, _ = target_and_draft()
+
+    class Ids:
+        eot_token, n_vocab = 0, 96
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    def serve_all(lookup) -> list[list[int]]:
+        engine = Engine(target, Ids(), max_batch=3, lookup=lookup)
+        done = [threading.Event() for _ in range(6)]
+        choices = [Choice([1 + i, 2, 3, 1 + i, 2, 3] * (1 + i % 2),
+                          Params(max_tokens=12 + 7 * i, temperature=0 if i % 3 else 0.9,
+                                 top_k=0 if i % 3 else 20, seed=i),
+                          lambda e, d=d: e[0] in ("done", "error") and d.set(),
+                          torch.Generator().manual_seed(i))
+                   for i, d in enumerate(done)]
+        engine.start()
+        try:
+            engine.submit(choices)
+            assert all(d.wait(60) for d in done)
+        finally:
+            engine.stop()
+        assert all(c.finished in ("stop", "length") for c in choices)
+        return [c.ids for c in choices]
+
+    lookup = PromptLookup(6)
+    spec, plain = serve_all(lookup), serve_all(None)
+    assert lookup.guessed > 0
+    greedy = [i for i in range(6) if i % 3]
+    assert [spec[i] for i in greedy] == [plain[i] for i in greedy]

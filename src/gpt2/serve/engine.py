@@ -27,6 +27,7 @@ from ..kernels import decode_kernels
 from ..capture import capture_enabled, shared_step
 from ..decoder import Decoder
 from ..sampling import StopStrings, next_token
+from ..speculative import PromptLookup, accept, token_probs
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Choice:
         self.stops = StopStrings(params.stop)
         self.generator = generator
         self.ids: list[int] = []
+        self.chosen: int | None = None  # the next token, where checking guesses chose it
         self.cancelled = False
         self.finished: str | None = None
         self.sent = 0  # characters of the decoded text already sent
@@ -66,8 +68,10 @@ class Choice:
 class Engine:
     """The batch, the cache, and the thread that runs them."""
 
-    def __init__(self, model, encoder, max_batch: int = 16, max_queue: int = 256):
+    def __init__(self, model, encoder, max_batch: int = 16, max_queue: int = 256,
+                 lookup: PromptLookup | None = None):
         self.model, self.enc = model, encoder
+        self.lookup = lookup  # guesses from each row's own text, checked for all rows at once
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
         self.n_ctx = model.config.n_ctx
@@ -84,6 +88,10 @@ class Engine:
     # -- the outside -----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Compile the captured step (where it is on), then take requests."""
+        if self.step is not None:
+            with torch.inference_mode(), decode_kernels(self.model):
+                self._warm_up()
         self.thread.start()
 
     def stop(self) -> None:
@@ -115,8 +123,6 @@ class Engine:
 
     def _run(self) -> None:
         with torch.inference_mode(), decode_kernels(self.model):
-            if self.step is not None:
-                self._warm_up()
             while True:
                 with self.cond:
                     while not (self.rows or self.waiting or self.stopping):
@@ -145,18 +151,60 @@ class Engine:
         logits = self.decoder.logits[:, :self.enc.n_vocab]  # never an id the tokenizer lacks
         for i, choice in enumerate(self.rows):
             p = choice.params
-            token = int(next_token(logits[i:i + 1], p.temperature, p.top_k, p.top_p,
-                                   choice.generator)[0])
+            token = choice.chosen if choice.chosen is not None else int(next_token(
+                logits[i:i + 1], p.temperature, p.top_k, p.top_p, choice.generator)[0])
+            choice.chosen = None
             tokens.append(token)
             self._accept(choice, token, logits[i])
+        if self._drop_finished(tokens):
+            tokens = [tokens[i] for i in self._kept]
+            if self.lookup is None or not self._check_guesses(tokens):
+                self.decoder.feed(torch.tensor(tokens, device=self.device))
+
+    def _drop_finished(self, tokens: list[int] | None = None) -> bool:
+        """Rows that finished or were cancelled leave the batch; whether any row is left."""
         keep = [i for i, c in enumerate(self.rows) if c.finished is None and not c.cancelled]
+        self._kept = keep
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.decoder = None
-            return
-        if len(keep) < len(tokens):
+            return False
+        if len(keep) < self.decoder.rows:
             self.decoder.keep(keep)
-        self.decoder.feed(torch.tensor([tokens[i] for i in keep], device=self.device))
+        return True
+
+    def _check_guesses(self, tokens: list[int]) -> bool:
+        """Prompt lookup: each row's guesses after its new token, checked in one forward for
+        all rows (:mod:`gpt2.speculative`); the kept ones are sent, and the token that follows
+        them is the row's next (sent at the next step). False where no row had a guess."""
+        guesses = []
+        for choice, token in zip(self.rows, tokens):
+            done = len(choice.prompt) + len(choice.ids)
+            limit = min(choice.params.max_tokens - len(choice.ids), self.n_ctx - done) - 1
+            guesses.append(self.lookup.propose(choice.prompt + choice.ids, limit))
+        k = max(len(g) for g in guesses)
+        if k == 0:
+            return False
+        fed = torch.tensor([[t] + g + [t] * (k - len(g)) for t, g in zip(tokens, guesses)],
+                           device=self.device)
+        logits = self.decoder.extend(fed)
+        V = self.enc.n_vocab
+        kept, after = [], []
+        for j, (choice, g) in enumerate(zip(self.rows, guesses)):
+            p = choice.params
+            probs = token_probs(logits[j, :len(g) + 1, :V], p.temperature, p.top_k, p.top_p)
+            n, choice.chosen = accept(g, probs, None, p.temperature == 0 or p.top_k == 1,
+                                      choice.generator)
+            for i, guess in enumerate(g[:n]):
+                if choice.finished is None:
+                    self._accept(choice, guess, logits[j, i, :V])
+            kept.append(1 + n)
+            after.append(logits[j, n])
+            self.lookup.guessed += len(g)
+            self.lookup.kept += n
+        self.decoder.retract(k + 1, kept, torch.stack(after))
+        self._drop_finished()
+        return True
 
     # -- one token ---------------------------------------------------------------------------
 
