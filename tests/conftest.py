@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Decoding runs eagerly in the suite (and in the commands it starts): compiling the decode step
-# costs seconds per model and dtype. tests/test_capture.py turns it on and proves it equal.
+# Decoding runs eagerly in the suite (and in the commands it starts), as by default: compiling
+# the decode step costs seconds per model and dtype. tests/test_capture.py turns it on.
 os.environ.setdefault("GPT2_CAPTURE", "0")
 
 import bounded  # noqa: E402

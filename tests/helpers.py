@@ -23,3 +23,22 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The reference next-token loss, written plainly with torch's cross-entropy: logits at
     positions 0..T-2 against tokens 1..T-1 (what the model's own loss must equal)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def run_engine(engine, requests: list[tuple], timeout: float = 60) -> list:
+    """The server's engine (gpt2.serve.engine) started, given ``requests`` ((prompt ids,
+    Params, generator or None) each) at once, and stopped when all have ended: their Choices."""
+    import threading
+
+    from gpt2.serve.engine import Choice
+
+    done = [threading.Event() for _ in requests]
+    choices = [Choice(prompt, params, lambda e, d=d: e[0] in ("done", "error") and d.set(),
+                      generator) for (prompt, params, generator), d in zip(requests, done)]
+    engine.start()
+    try:
+        engine.submit(choices)
+        assert all(d.wait(timeout) for d in done), "a request did not end in time"
+    finally:
+        engine.stop()
+    return choices

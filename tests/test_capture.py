@@ -92,14 +92,14 @@ def test_bf16_and_int8_greedy_tokens_equal_eager(dtype, monkeypatch):
     assert decode(m, context, 40, temperature=0) == want
 
 
-def test_short_decodes_stay_eager_unless_asked(monkeypatch):
-    monkeypatch.setenv("GPT2_CAPTURE", "auto")
-    assert not capture.capture_enabled(capture.MIN_TOKENS - 1)
-    assert capture.capture_enabled(capture.MIN_TOKENS)
-    monkeypatch.setenv("GPT2_CAPTURE", "0")
-    assert not capture.capture_enabled(10_000)
+def test_the_captured_step_is_asked_for(monkeypatch):
+    monkeypatch.delenv("GPT2_CAPTURE")
+    assert not capture.capture_enabled()
+    for off in ("0", "off", ""):
+        monkeypatch.setenv("GPT2_CAPTURE", off)
+        assert not capture.capture_enabled()
     monkeypatch.setenv("GPT2_CAPTURE", "1")
-    assert capture.capture_enabled(1)
+    assert capture.capture_enabled()
 
 
 def test_compiled_code_is_reused_from_disk(tmp_path, monkeypatch):
@@ -148,9 +148,8 @@ def test_without_a_compiler_decoding_is_eager_with_one_warning(tmp_path, monkeyp
 def test_the_server_engine_decodes_with_the_captured_step_as_eagerly(monkeypatch):
     """Requests of different lengths joining one batch and leaving it (continuous batching):
     each gets the tokens it gets without the captured step."""
-    import threading
-
-    from gpt2.serve.engine import Choice, Engine, Params
+    from gpt2.serve.engine import Engine, Params
+    from helpers import run_engine
 
     class Ids:
         eot_token, n_vocab = 0, CONFIG.n_vocab
@@ -161,17 +160,9 @@ def test_the_server_engine_decodes_with_the_captured_step_as_eagerly(monkeypatch
     def serve_all(m) -> list[list[int]]:
         engine = Engine(m, Ids(), max_batch=4)
         assert (engine.step is not None) == (capture.capture_enabled())
-        done = [threading.Event() for _ in range(5)]
-        choices = [Choice([1 + i] * (1 + 2 * i), Params(max_tokens=10 + 5 * i, temperature=0),
-                          lambda e, d=d: e[0] in ("done", "error") and d.set())
-                   for i, d in enumerate(done)]
-        engine.start()
-        try:
-            engine.submit(choices)
-            assert all(d.wait(120) for d in done)
-        finally:
-            engine.stop()
-        return [c.ids for c in choices]
+        return [c.ids for c in run_engine(engine, [
+            ([1 + i] * (1 + 2 * i), Params(max_tokens=10 + 5 * i, temperature=0), None)
+            for i in range(5)], timeout=120)]
 
     m = model()
     captured = serve_all(m)

@@ -184,9 +184,8 @@ def test_the_server_checks_prompt_lookup_guesses_for_all_rows_at_once():
     """The engine's continuous batching with prompt lookup: requests of different lengths
     and settings joining and leaving; greedy rows get exactly the plain engine's tokens, and
     sampled rows run (their distribution: the rule's tests above)."""
-    import threading
-
-    from gpt2.serve.engine import Choice, Engine, Params
+    from gpt2.serve.engine import Engine, Params
+    from helpers import run_engine
 
     target, _ = target_and_draft()
 
@@ -197,20 +196,11 @@ def test_the_server_checks_prompt_lookup_guesses_for_all_rows_at_once():
             return " ".join(map(str, ids))
 
     def serve_all(lookup) -> list[list[int]]:
-        engine = Engine(target, Ids(), max_batch=3, lookup=lookup)
-        done = [threading.Event() for _ in range(6)]
-        choices = [Choice([1 + i, 2, 3, 1 + i, 2, 3] * (1 + i % 2),
-                          Params(max_tokens=12 + 7 * i, temperature=0 if i % 3 else 0.9,
-                                 top_k=0 if i % 3 else 20, seed=i),
-                          lambda e, d=d: e[0] in ("done", "error") and d.set(),
-                          torch.Generator().manual_seed(i))
-                   for i, d in enumerate(done)]
-        engine.start()
-        try:
-            engine.submit(choices)
-            assert all(d.wait(60) for d in done)
-        finally:
-            engine.stop()
+        choices = run_engine(Engine(target, Ids(), max_batch=3, lookup=lookup), [
+            ([1 + i, 2, 3, 1 + i, 2, 3] * (1 + i % 2),
+             Params(max_tokens=12 + 7 * i, temperature=0 if i % 3 else 0.9,
+                    top_k=0 if i % 3 else 20, seed=i), torch.Generator().manual_seed(i))
+            for i in range(6)])
         assert all(c.finished in ("stop", "length") for c in choices)
         return [c.ids for c in choices]
 

@@ -154,7 +154,7 @@ def decode(model: torch.nn.Module, context: torch.Tensor | list[list[int]], leng
     was_training = model.training
     model.eval()
     try:
-        step = shared_step() if capture_enabled(length) else None
+        step = shared_step() if capture_enabled() else None
         with torch.inference_mode(), decode_kernels(model):
             if speculator is not None:
                 with tqdm(total=length * rows, desc="sampling", unit="tok", leave=False,
