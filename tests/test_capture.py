@@ -60,6 +60,7 @@ def test_captured_step_equals_eager_step_by_step():
                    for a, b in zip(layer_a, layer_b))
 
 
+@pytest.mark.slow  # (the default suite's engine test below joins and drops rows too)
 def test_padded_rows_that_join_and_leave_decode_as_eagerly():
     """decode() of contexts of different lengths (left-padded, joined) whose rows finish at
     different steps (the cache shrinks): the tokens eager decoding gives."""
@@ -82,6 +83,7 @@ def test_padded_rows_that_join_and_leave_decode_as_eagerly():
                       generator=torch.Generator().manual_seed(3)) == draws[0] == draws[1]
 
 
+@pytest.mark.slow  # two more compiles (~10 s); the fp32 tests cover the step's code
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_bf16_and_int8_greedy_tokens_equal_eager(dtype, monkeypatch):
     m = model(clear=True)
