@@ -21,7 +21,7 @@ from gpt2.sampling import Decoder, decode
 # costs ~10 s, paid once instead of on every worker.
 pytestmark = pytest.mark.xdist_group("compile")
 
-CONFIG = GPTConfig(n_vocab=96, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+CONFIG = GPTConfig(n_vocab=96, n_ctx=64, n_embd=32, n_head=4, n_layer=1)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,13 @@ def inductor_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def captured(monkeypatch, inductor_dir):
     """Capture on; compiled code kept in the test's directory, not the user's cache."""
+    import torch._inductor.config as inductor_config
+
     monkeypatch.setenv("GPT2_CAPTURE", "1")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+    # compile in this process: a pool of compile workers costs seconds to start, per worker
+    with inductor_config.patch(compile_threads=1):
+        yield
 
 
 def model(clear: bool = False) -> GPT:
