@@ -19,7 +19,8 @@ def packed():
     return model, tokens, segments
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.xdist_group(
+    "compile"))])  # (with test_capture.py: Inductor's start-up paid once)
 def test_document_mask_equals_the_dense_mask(compiled):
     model, tokens, segments = packed()
     with torch.no_grad():

@@ -109,6 +109,7 @@ def test_the_captured_step_is_asked_for(monkeypatch):
     assert capture.capture_enabled()
 
 
+@pytest.mark.slow  # a second compile from the cache (~3-8 s under the suite's load)
 def test_compiled_code_is_reused_from_disk(tmp_path, monkeypatch):
     """A new process (here: dynamo's in-memory state dropped) compiles nothing: Inductor's
     compiled code comes back from the cache directory."""
