@@ -180,14 +180,14 @@ def test_bad_speculation_flags_are_one_line_errors(model_dirs, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
-def test_the_server_checks_prompt_lookup_guesses_for_all_rows_at_once():
-    """The engine's continuous batching with prompt lookup: requests of different lengths
+def test_the_server_checks_guesses_for_all_rows_at_once():
+    """The engine's continuous batching with prompt lookup and with a draft model: requests of different lengths
     and settings joining and leaving; greedy rows get exactly the plain engine's tokens, and
     sampled rows run (their distribution: the rule's tests above)."""
     from gpt2.serve.engine import Engine, Params
     from helpers import run_engine
 
-    target, _ = target_and_draft()
+    target, draft = target_and_draft()
 
     class Ids:
         eot_token, n_vocab = 0, 96
@@ -195,8 +195,8 @@ def test_the_server_checks_prompt_lookup_guesses_for_all_rows_at_once():
         def decode(self, ids):
             return " ".join(map(str, ids))
 
-    def serve_all(lookup) -> list[list[int]]:
-        choices = run_engine(Engine(target, Ids(), max_batch=3, lookup=lookup), [
+    def serve_all(speculator) -> list[list[int]]:
+        choices = run_engine(Engine(target, Ids(), max_batch=3, speculator=speculator), [
             ([1 + i, 2, 3, 1 + i, 2, 3] * (1 + i % 2),
              Params(max_tokens=12 + 7 * i, temperature=0 if i % 3 else 0.9,
                     top_k=0 if i % 3 else 20, seed=i), torch.Generator().manual_seed(i))
@@ -204,8 +204,9 @@ def test_the_server_checks_prompt_lookup_guesses_for_all_rows_at_once():
         assert all(c.finished in ("stop", "length") for c in choices)
         return [c.ids for c in choices]
 
-    lookup = PromptLookup(6)
-    spec, plain = serve_all(lookup), serve_all(None)
-    assert lookup.guessed > 0
+    plain = serve_all(None)
     greedy = [i for i in range(6) if i % 3]
-    assert [spec[i] for i in greedy] == [plain[i] for i in greedy]
+    for speculator in (PromptLookup(6), DraftModel(draft, 3)):
+        spec = serve_all(speculator)
+        assert speculator.guessed > 0 and speculator.kept > 0
+        assert [spec[i] for i in greedy] == [plain[i] for i in greedy], speculator

@@ -19,7 +19,7 @@ from ..errors import Terminated, UserError
 from ..files.paths import expand
 from ..io.inference import load_for_inference
 from ..files.memory import return_large_frees
-from .common import add_dtype_argument
+from .common import add_dtype_argument, add_speculation_arguments, speculator_for
 
 
 def build_parser() -> ArgumentParser:
@@ -38,10 +38,7 @@ def build_parser() -> ArgumentParser:
                    help="completions decoded together in one forward pass per step")
     p.add_argument("--max_queue", type=int, default=256,
                    help="completions that may wait for a place in the batch; more get 429")
-    p.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
-                   help="speculative decoding: guess up to N tokens per row from its own text "
-                        "(n-gram lookup), checked for all rows in one forward; greedy output "
-                        "unchanged, samples keep the model's distribution (0: off)")
+    add_speculation_arguments(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     add_dtype_argument(p, "--dtype", "--precision", dest="precision")
     p.add_argument("--served_name", default=None,
@@ -57,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("max_batch", "max_queue"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.prompt_lookup < 0:
-        raise UserError(f"--prompt_lookup must be >= 0, got {args.prompt_lookup}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     try:
@@ -81,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..tokenizer.chat import ChatTemplate
 
     template = ChatTemplate.for_model(model_dir, args.chat_template)
-    from ..speculative import PromptLookup
-
     engine = Engine(model, enc, max_batch=args.max_batch, max_queue=args.max_queue,
-                    lookup=PromptLookup(args.prompt_lookup) if args.prompt_lookup else None)
+                    speculator=speculator_for(args, model, enc, device))
     engine.start()
     app = build_app(engine, enc, name, api_key=args.api_key or os.environ.get("GPT2_API_KEY"),
                     template=template)

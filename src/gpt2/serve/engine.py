@@ -27,7 +27,7 @@ from ..kernels import decode_kernels
 from ..capture import capture_enabled, shared_step
 from ..decoder import Decoder
 from ..sampling import StopStrings, next_token
-from ..speculative import PromptLookup, accept, token_probs
+from ..speculative import DraftModel, PromptLookup, accept, token_probs
 
 
 @dataclass
@@ -69,9 +69,12 @@ class Engine:
     """The batch, the cache, and the thread that runs them."""
 
     def __init__(self, model, encoder, max_batch: int = 16, max_queue: int = 256,
-                 lookup: PromptLookup | None = None):
+                 speculator: PromptLookup | DraftModel | None = None):
         self.model, self.enc = model, encoder
-        self.lookup = lookup  # guesses from each row's own text, checked for all rows at once
+        # guessed tokens (speculative decoding), checked for all rows in one forward; a draft
+        # model keeps its own cache of the same rows
+        self.speculator = speculator
+        self.draft: Decoder | None = None
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
         self.n_ctx = model.config.n_ctx
@@ -158,8 +161,11 @@ class Engine:
             self._accept(choice, token, logits[i])
         if self._drop_finished(tokens):
             tokens = [tokens[i] for i in self._kept]
-            if self.lookup is None or not self._check_guesses(tokens):
-                self.decoder.feed(torch.tensor(tokens, device=self.device))
+            if self.speculator is None or not self._check_guesses(tokens):
+                fed = torch.tensor(tokens, device=self.device)
+                self.decoder.feed(fed)
+                if self.draft is not None:
+                    self.draft.feed(fed)
 
     def _drop_finished(self, tokens: list[int] | None = None) -> bool:
         """Rows that finished or were cancelled leave the batch; whether any row is left."""
@@ -167,21 +173,27 @@ class Engine:
         self._kept = keep
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.decoder = None
+            self.decoder = self.draft = None
             return False
         if len(keep) < self.decoder.rows:
             self.decoder.keep(keep)
+            if self.draft is not None:
+                self.draft.keep(keep)
         return True
 
     def _check_guesses(self, tokens: list[int]) -> bool:
-        """Prompt lookup: each row's guesses after its new token, checked in one forward for
-        all rows (:mod:`gpt2.speculative`); the kept ones are sent, and the token that follows
-        them is the row's next (sent at the next step). False where no row had a guess."""
-        guesses = []
-        for choice, token in zip(self.rows, tokens):
-            done = len(choice.prompt) + len(choice.ids)
-            limit = min(choice.params.max_tokens - len(choice.ids), self.n_ctx - done) - 1
-            guesses.append(self.lookup.propose(choice.prompt + choice.ids, limit))
+        """Each row's guesses after its new token (prompt lookup or the draft), checked in one
+        forward for all rows (:mod:`gpt2.speculative`); the kept ones are sent, and the token
+        that follows them is the row's next (sent at the next step). False where no row had a
+        guess (nothing was fed)."""
+        limits = [min(c.params.max_tokens - len(c.ids),
+                      self.n_ctx - len(c.prompt) - len(c.ids)) - 1 for c in self.rows]
+        dists, drafted = None, 0
+        if self.draft is None:
+            guesses = [self.speculator.propose(c.prompt + c.ids, limit)
+                       for c, limit in zip(self.rows, limits)]
+        else:
+            guesses, dists, drafted = self._draft_guesses(tokens, limits)
         k = max(len(g) for g in guesses)
         if k == 0:
             return False
@@ -193,18 +205,44 @@ class Engine:
         for j, (choice, g) in enumerate(zip(self.rows, guesses)):
             p = choice.params
             probs = token_probs(logits[j, :len(g) + 1, :V], p.temperature, p.top_k, p.top_p)
-            n, choice.chosen = accept(g, probs, None, p.temperature == 0 or p.top_k == 1,
-                                      choice.generator)
+            n, choice.chosen = accept(g, probs, None if dists is None else dists[j, :len(g)],
+                                      p.temperature == 0 or p.top_k == 1, choice.generator)
             for i, guess in enumerate(g[:n]):
                 if choice.finished is None:
                     self._accept(choice, guess, logits[j, i, :V])
             kept.append(1 + n)
             after.append(logits[j, n])
-            self.lookup.guessed += len(g)
-            self.lookup.kept += n
+            self.speculator.guessed += len(g)
+            self.speculator.kept += n
         self.decoder.retract(k + 1, kept, torch.stack(after))
+        if self.draft is not None:  # it fed the new tokens and every guess
+            self.draft.retract(drafted + 1, kept, self.draft.logits)
         self._drop_finished()
         return True
+
+    def _draft_guesses(self, tokens: list[int], limits: list[int]):
+        """The draft's guesses for every row (each drawn with its row's settings and random
+        stream), each cut to its row's limit; the distributions they came from [B, k, V]; how
+        many each row was given (0: none, and the draft was not fed)."""
+        k = min(self.speculator.tokens, max(limits))
+        if k <= 0:
+            return [[] for _ in limits], None, 0
+        V = self.enc.n_vocab
+        token = torch.tensor(tokens, device=self.device)
+        drawn, dists = [], []
+        for _ in range(k):
+            logits = self.draft.feed(token)[:, :V]
+            q = torch.stack([token_probs(logits[j], c.params.temperature, c.params.top_k,
+                                         c.params.top_p) for j, c in enumerate(self.rows)])
+            token = torch.tensor([int(q[j].argmax()) if c.params.temperature == 0
+                                  or c.params.top_k == 1 else
+                                  int(torch.multinomial(q[j], 1, generator=c.generator))
+                                  for j, c in enumerate(self.rows)], device=self.device)
+            drawn.append(token)
+            dists.append(q)
+        self.draft.feed(token)
+        rows = torch.stack(drawn, 1).tolist()
+        return [g[:max(limit, 0)] for g, limit in zip(rows, limits)], torch.stack(dists, 1), k
 
     # -- one token ---------------------------------------------------------------------------
 
@@ -266,4 +304,10 @@ class Engine:
             self.decoder = decoder
         else:
             self.decoder.join(decoder)
+        if isinstance(self.speculator, DraftModel):
+            draft = Decoder(self.speculator.model, x, p.max_tokens + self.speculator.tokens + 1)
+            if self.draft is None:
+                self.draft = draft
+            else:
+                self.draft.join(draft)
         self.rows.append(choice)
