@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .capture import CapturedStep
-from .model import empty_kv_cache
+from .model import cache_view, empty_kv_cache
 
 
 def _cache_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
@@ -121,7 +121,7 @@ class Decoder:
         """The step through :mod:`gpt2.capture` over the whole buffers (which it writes at
         ``length``), or None where that cannot run (no room, a cache that is not a buffer,
         compiling failed): then the eager step runs."""
-        full = [tuple(_whole(t, self.capacity) for t in layer) for layer in self.past]
+        full = [tuple(cache_view(t, self.capacity) for t in layer) for layer in self.past]
         if self.length >= self.capacity or any(t is None for layer in full for t in layer):
             return None
         at = torch.arange(self.capacity, device=self.device)
@@ -185,18 +185,6 @@ class Decoder:
 def _unless_full(mask: torch.Tensor, length: int) -> torch.Tensor | None:
     """``mask`` (a copy), or None where its first ``length`` columns leave nothing out."""
     return None if bool(mask[:, :length].all()) else mask.clone()
-
-
-def _whole(cached: torch.Tensor, capacity: int) -> torch.Tensor | None:
-    """The buffer behind a cache view [B, H, S, D] with room for ``capacity`` positions, as a
-    [B, H, capacity, D] view; None where ``cached`` is not such a view."""
-    B, H, S, D = cached.shape
-    room = cached.untyped_storage().nbytes() // cached.element_size() - cached.storage_offset()
-    if (cached.stride(3) != 1 or cached.stride(2) != D or cached.stride(1) < capacity * D
-            or cached.stride(0) != H * cached.stride(1)
-            or room < (B - 1) * cached.stride(0) + (H - 1) * cached.stride(1) + capacity * D):
-        return None
-    return cached.as_strided((B, H, capacity, D), cached.stride())
 
 
 def _regrow(cached: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -182,19 +182,24 @@ def _extend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled():  # checked first: a traced graph (ONNX) has no storage to ask
         return torch.cat((cached, new), dim=2)
-    B, H, S, D = cached.shape
-    T = new.size(2)
-    room = cached.untyped_storage().nbytes() // cached.element_size() - cached.storage_offset()
-    # The cache layout is [B, H, capacity, D]: the sequence stride tells the capacity.
-    capacity = cached.stride(1) // D if D else 0
-    if (cached.stride(3) != 1 or cached.stride(2) != D
-            or cached.stride(0) != H * cached.stride(1) or S + T > capacity
-            or room < (B - 1) * cached.stride(0) + (H - 1) * cached.stride(1) + (S + T) * D
-            or new.dtype != cached.dtype or new.device != cached.device):
+    S = cached.size(2)
+    grown = cache_view(cached, S + new.size(2))
+    if grown is None or new.dtype != cached.dtype or new.device != cached.device:
         return torch.cat((cached, new), dim=2)
-    grown = cached.as_strided((B, H, S + T, D), cached.stride())
     grown[:, :, S:].copy_(new)
     return grown
+
+
+def cache_view(cached: torch.Tensor, length: int) -> torch.Tensor | None:
+    """``cached`` [B, H, S, D] as ``length`` positions of its [B, H, capacity, D] buffer (a
+    view), or None where there is no such buffer with that many."""
+    B, H, _, D = cached.shape
+    room = cached.untyped_storage().nbytes() // cached.element_size() - cached.storage_offset()
+    if (cached.stride(3) != 1 or cached.stride(2) != D or cached.stride(1) < length * D
+            or cached.stride(0) != H * cached.stride(1)
+            or room < (B - 1) * cached.stride(0) + (H - 1) * cached.stride(1) + length * D):
+        return None
+    return cached.as_strided((B, H, length, D), cached.stride())
 
 
 def empty_kv_cache(config: GPTConfig, batch: int, max_len: int | None = None,
