@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 def capture_enabled() -> bool:
     """Whether decoding uses the captured step: ``GPT2_CAPTURE=1``. Off by default: on this
@@ -49,15 +48,25 @@ def step(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
     [B, n_vocab] in fp32. Block.forward's wiring, with the cache written in place at ``index``
     and attention over the whole buffer, ``mask`` leaving out what is not a row's token."""
     x = model.wte(tokens[:, None]) + model.wpe(positions[:, None])
-    attend = mask[:, None, None, :]
+    hidden = torch.where(mask, 0.0, float("-inf"))[:, None, :]  # [B, 1, C]
     for block, (keys, values) in zip(model.h, cache):
         q, k, v = block.attn.heads(block.ln_1(x))
         keys.index_copy_(2, index, k)
         values.index_copy_(2, index, v)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend)
-        x = x + block.attn.merge(y)
+        x = x + block.attn.merge(_attend(q, keys, values, hidden))
         x = x + block.mlp(block.ln_2(x))
     return model.lm_head(model.ln_f(x))[:, -1].float()
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor
+            ) -> torch.Tensor:
+    """Attention of one query per row [B, H, 1, D] over the whole buffers [B, H, C, D], what is
+    not a row's token (``hidden``: -inf there) left out: written as products and sums, in fp32,
+    which Inductor fuses into two loops over the cache (SDPA's kernel would be an external call
+    costing more than this work, 12 times a token)."""
+    scores = (q.float() * keys.float()).sum(-1) * q.size(-1) ** -0.5 + hidden  # [B, H, C]
+    weights = scores.softmax(-1)[..., None]
+    return (weights * values.float()).sum(-2, keepdim=True).to(q.dtype)
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -82,7 +91,8 @@ class CapturedStep:
     def __init__(self) -> None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2" / "inductor"))
-        self._compiled = torch.compile(step, dynamic=True)
+        # (no size asserts: ~190 checks a step of the shapes the trace itself guarantees)
+        self._compiled = torch.compile(step, dynamic=True, options={"size_asserts": False})
 
     def __call__(self, model, tokens, positions, index, cache, mask) -> torch.Tensor | None:
         """The step's logits, or None where compiling failed (then and ever after)."""
