@@ -59,13 +59,16 @@ def make_model_dir(root: Path, shape: str) -> Path:
 
 
 class Server:
-    def __init__(self, model_dir: Path, max_batch: int):
+    def __init__(self, model_dir: Path, max_batch: int, dtype: str = "fp32",
+                 capture: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+        if capture is not None:
+            env["GPT2_CAPTURE"] = capture
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpt2", "serve", str(model_dir), "--port", str(self.port),
-             "--max_batch", str(max_batch), "--max_queue", "1024"],
-            env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+             "--max_batch", str(max_batch), "--max_queue", "1024", "--dtype", dtype], env=env)
         deadline = time.time() + 300
         while time.time() < deadline and self.proc.poll() is None:
             try:
@@ -148,6 +151,37 @@ def soak(server: Server, clients: int, seconds: float, tokens: int) -> dict:
     return {"streams": streams[0], "errors": errors, "rss": rss}
 
 
+def compare_capture(args: argparse.Namespace) -> int:
+    """Servers without and with the captured step, alternating: tokens/s of 1 client and of 16
+    (16 requests of ``--tokens`` each), and the batching ratio, per round."""
+    print(f"# {args.shape} {args.dtype}, {args.tokens}-token requests, --max_batch "
+          f"{args.max_batch}; each server warmed up (and its step compiled) before timing")
+    print("\n| round | captured step | batching (16 one after another / all at once) | "
+          "1 client tok/s | 16 clients tok/s |")
+    print("|---|---|---|---|---|")
+    rates: dict[str, list[float]] = {"0": [], "1": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model_dir(Path(tmp), args.shape)
+        for r in range(1, args.capture_rounds + 1):
+            for capture in ("0", "1"):
+                server = Server(model_dir, args.max_batch, args.dtype, capture)
+                try:
+                    closed_loop(server.url, 4, 4, 4)
+                    one = closed_loop(server.url, 1, 16, args.tokens)
+                    together = closed_loop(server.url, 16, 16, args.tokens)
+                finally:
+                    server.stop()
+                rates[capture].append(one["tokens"] / one["wall"])
+                print(f"| {r} | {'on' if capture == '1' else 'off'} | {one['wall']:.1f} / "
+                      f"{together['wall']:.1f} s: {one['wall'] / together['wall']:.1f}x | "
+                      f"{rates[capture][-1]:.1f} | "
+                      f"{together['tokens'] / together['wall']:.1f} |", flush=True)
+    print(f"\n1 client, captured / not, per round: "
+          f"{', '.join(f'{a / b:.2f}x' for a, b in zip(rates['1'], rates['0']))}; "
+          f"load after: {load_note()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,13 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS",
                    help="then this long with --soak_clients streaming clients")
     p.add_argument("--soak_clients", type=int, default=64)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "int8"), help="the server's")
+    p.add_argument("--capture_rounds", type=int, default=0, metavar="N",
+                   help="instead: N rounds of a server without the captured step and one with "
+                        "it (GPT2_CAPTURE=0/1), each timing 1 client and 16 (16 requests each)")
     args = p.parse_args(argv)
     print(f"# {machine(torch.device('cpu'), torch.get_num_threads())}")
     given = argv if argv is not None else sys.argv[1:]
     print(f"# command: python bench/serve.py {' '.join(given)}")
     print(f"# load before: {load_note()}")
+    if args.capture_rounds:
+        return compare_capture(args)
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(make_model_dir(Path(tmp), args.shape), args.max_batch)
+        server = Server(make_model_dir(Path(tmp), args.shape), args.max_batch, args.dtype)
         try:
             closed_loop(server.url, 4, 4, 4)  # warm-up: first calls, allocator
             one = closed_loop(server.url, 1, 16, args.tokens)

@@ -420,6 +420,23 @@ def test_next_token_draws_from_the_filtered_softmax(top_k, top_p, temperature):
     assert ((freq - expected).abs() <= tol).all(), (freq, expected)
 
 
+def test_draw_keeps_the_distribution_and_never_draws_probability_zero():
+    from gpt2.sampling import _inverse_cdf, draw
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.65, 0.0])
+    n = 40000
+    ids = draw(probs.expand(n, -1), torch.Generator().manual_seed(3))
+    freq = torch.bincount(ids, minlength=6).double() / n
+    assert (freq[probs == 0] == 0).all()
+    assert ((freq - probs).abs() <= 5 * (probs * (1 - probs) / n).sqrt() + 1e-9).all(), freq
+    # the ends of [0, 1): the first and the last id of probability > 0
+    ends = torch.tensor([[0.0], [1 - 2.0 ** -53]], dtype=torch.float64)
+    assert _inverse_cdf(probs.expand(2, -1), ends).tolist() == [1, 4]
+    assert _inverse_cdf(torch.tensor([[0.3, 0.7 + 1e-7]]), ends[1:]).tolist() == [1]
+    again = [draw(probs.expand(50, -1), torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert torch.equal(*again)
+
+
 def test_decoder_rows_that_join_and_leave_compute_what_each_computes_alone():
     """The server's schedule: rows of different lengths join a running batch (left-padded),
     some leave, the rest go on; every row's logits equal that row decoded on its own."""

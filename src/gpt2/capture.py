@@ -11,7 +11,7 @@ Attending over the whole buffer with a mask, instead of over a view that grows b
 step, keeps every shape fixed while a sequence grows: :func:`torch.compile` traces the step once
 (shapes symbolic: one graph for every batch size above 1 and every cache length, one more for a
 single row) and Inductor fuses what lies between the matmuls (layer norms, GELU, residual adds,
-the cache writes, attention's softmax) into C++ loops. The matmuls stay PyTorch's CPU kernels
+the cache writes, attention itself) into C++ loops. The matmuls stay PyTorch's CPU kernels
 (``torch.ops.gpt2``, :mod:`gpt2.kernels`): oneDNN's fp32 matmul and FBGEMM's int8.
 
 The compiled code is kept on disk by Inductor (its FX graph cache, in
@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 
 def capture_enabled() -> bool:
     """Whether decoding uses the captured step: ``GPT2_CAPTURE=1``. Off by default: on this

@@ -71,6 +71,27 @@ def _top_p_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
     return sorted_logits.masked_fill(~keep, float("-inf"))
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row from probabilities [B, V] (each row summing to ~1) -> [B]: where one
+    uniform number per row falls in the row's cumulative distribution (float64). The same
+    distribution as ``torch.multinomial(probs, 1)``, which spends a random number on every id
+    (1.1 ms a row over GPT-2's 50,257 on this project's CPU, against 0.05 ms); an id of
+    probability 0 is never drawn."""
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64,
+                   device=probs.device)
+    return _inverse_cdf(probs, u)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The id of each row [B, V] where ``u`` [B, 1] in [0, 1) falls in its cumulative
+    distribution; never one of probability 0 (were ``u`` * total to round up to the total, the
+    last id of probability > 0)."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u * total, right=True)
+    return torch.minimum(ids, torch.searchsorted(cdf, total)).squeeze(1)
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from last-position logits [B, V] -> [B].
@@ -82,14 +103,11 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if 0 < top_k < logits.size(-1):
-        # The same distribution as masking all but the top k to -inf, but the draw is among k
-        # values: torch.multinomial spends a random number on every id, 50,257 per row.
+        # The same distribution as masking all but the top k to -inf, drawn among k values.
         values, ids = torch.topk(logits, top_k, dim=-1)  # sorted, descending
-        choice = torch.multinomial(_top_p_sorted(values, top_p).softmax(dim=-1), 1,
-                                   generator=generator)
-        return ids.gather(-1, choice).squeeze(1)
-    logits = top_p_logits(logits, top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        choice = draw(_top_p_sorted(values, top_p).softmax(dim=-1), generator)
+        return ids.gather(-1, choice[:, None]).squeeze(1)
+    return draw(top_p_logits(logits, top_p).softmax(dim=-1), generator)
 
 
 def check_length(context_len: int, length: int, n_ctx: int) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import Decoder
-from .sampling import top_k_logits, top_p_logits
+from .sampling import draw, top_k_logits, top_p_logits
 
 
 def token_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
@@ -63,11 +63,11 @@ def accept(guesses: list[int], target: torch.Tensor, draft: torch.Tensor | None,
             residual = (residual - draft[i]).clamp_(min=0.0)
         if float(residual.sum()) <= 0.0:  # p == q: rejection had probability 0
             residual = p
-        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+        return i, int(draw((residual / residual.sum())[None], generator)[0])
     last = target[len(guesses)]
     if greedy:
         return len(guesses), int(last.argmax())
-    return len(guesses), int(torch.multinomial(last, 1, generator=generator))
+    return len(guesses), int(draw(last[None], generator)[0])
 
 
 class Speculator:
@@ -145,7 +145,7 @@ def _guess(speculator, draft: Decoder | None, ids: list[list[int]], pending: lis
     guesses, dists = [], []
     for _ in range(k):
         q = token_probs(draft.feed(token), temperature, top_k, top_p)
-        token = q.argmax(-1) if greedy else torch.multinomial(q, 1, generator=generator)[:, 0]
+        token = q.argmax(-1) if greedy else draw(q, generator)
         guesses.append(token)
         dists.append(q)
     draft.feed(token)  # the last guess too: the cache then holds every guess (cut back later)

@@ -26,7 +26,7 @@ import torch
 from ..kernels import decode_kernels
 from ..capture import capture_enabled, shared_step
 from ..decoder import Decoder
-from ..sampling import StopStrings, next_token
+from ..sampling import StopStrings, draw, next_token
 from ..speculative import DraftModel, PromptLookup, accept, token_probs
 
 
@@ -236,7 +236,7 @@ class Engine:
                                          c.params.top_p) for j, c in enumerate(self.rows)])
             token = torch.tensor([int(q[j].argmax()) if c.params.temperature == 0
                                   or c.params.top_k == 1 else
-                                  int(torch.multinomial(q[j], 1, generator=c.generator))
+                                  int(draw(q[j:j + 1], c.generator)[0])
                                   for j, c in enumerate(self.rows)], device=self.device)
             drawn.append(token)
             dists.append(q)
