@@ -12,10 +12,12 @@ requests, let the running ones finish, and exit 0.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from ..flags import ArgumentParser, HelpFormatter
-from ..errors import Terminated, UserError
+from ..errors import UserError
 from ..files.paths import expand
 from ..io.inference import load_for_inference
 from ..files.memory import return_large_frees
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     template = ChatTemplate.for_model(model_dir, args.chat_template)
     engine = Engine(model, enc, max_batch=args.max_batch, max_queue=args.max_queue,
                     speculator=speculator_for(args, model, enc, device))
-    engine.start()
+    engine.warm_up()
     app = build_app(engine, enc, name, api_key=args.api_key or os.environ.get("GPT2_API_KEY"),
                     template=template)
     print(f"serving {model_dir} as {name!r} on http://{args.host}:{args.port} ({device}, "
@@ -86,14 +88,35 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=60, access_log=False)
     server = uvicorn.Server(config)
+    failed: list[BaseException] = []
+    http = threading.Thread(target=_listen, args=(server, engine, failed), name="gpt2-serve-http",
+                            daemon=True)
+    # The model runs in this thread, the one that loaded it (Engine's docstring says why); the
+    # HTTP server beside it. SIGTERM and Ctrl-C go to uvicorn as they would in this thread:
+    # stop accepting, let the running requests finish (a second Ctrl-C: stop waiting), exit 0.
+    previous = {sig: signal.signal(sig, server.handle_exit)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
-    except (Terminated, KeyboardInterrupt):
-        pass  # uvicorn drained the running requests, then passed the signal on: done
-    except OSError as e:  # e.g. the port is taken
-        raise UserError(f"--port {args.port}: {e.strerror or e}") from None
+        http.start()
+        engine.run()
     finally:
-        engine.stop()
+        server.should_exit = True
+        http.join(timeout=90)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    error = next((e for e in failed if isinstance(e, OSError)), None)
+    if error is not None:  # e.g. the port is taken
+        raise UserError(f"--port {args.port}: {error.strerror or error}")
     if not server.started:
         raise UserError(f"{args.host}:{args.port}: could not listen there (in use?)")
     return 0
+
+
+def _listen(server, engine, failed: list[BaseException]) -> None:
+    """uvicorn's loop (in its own thread), then the engine told to stop once it has returned."""
+    try:
+        server.run()
+    except BaseException as e:  # noqa: BLE001 (uvicorn exits with SystemExit when it cannot bind)
+        failed.append(e)
+    finally:
+        engine.stop()

@@ -1,11 +1,14 @@
 """Continuous batching: every running completion shares one forward pass per step.
 
     engine = Engine(model, encoder, max_batch=16)
-    engine.start()
+    engine.start()                   # or engine.warm_up(); engine.run(): in this thread
     choice = Choice(prompt_ids, Params(max_tokens=32), sink=print)
     engine.submit([choice])          # events reach ``sink`` from the engine's thread
 
-One thread owns the model. Between two steps it admits waiting choices (each prompt runs once
+One thread owns the model: ``gpt2 serve`` runs it in its main thread, the one that loaded the
+model, and the HTTP server beside it. (A second thread computing after the first one did holds
+a second OpenMP thread pool: with more pool threads than cores, libgomp stops spinning between
+parallel regions and each wakes through the kernel, ~30% of a batch-1 token on 2 cores.) Between two steps it admits waiting choices (each prompt runs once
 to fill its cache, then joins the batch) and drops finished or abandoned ones; each step samples
 one token per row, with the row's own settings and random stream, and feeds them back in one
 forward. The cache and the model calls are :class:`gpt2.sampling.Decoder` (rows of different
@@ -91,17 +94,29 @@ class Engine:
     # -- the outside -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Compile the captured step (where it is on), then take requests."""
+        """Compile the captured step (where it is on), then take requests on a thread of the
+        engine's own."""
+        self.warm_up()
+        self.thread.start()
+
+    def warm_up(self) -> None:
+        """Compile the captured step, where it is on (before the first request is taken)."""
         if self.step is not None:
             with torch.inference_mode(), decode_kernels(self.model):
                 self._warm_up()
-        self.thread.start()
+
+    def run(self) -> None:
+        """Take requests in the calling thread until :meth:`stop` (called from another) and
+        the running ones have finished."""
+        self._run()
 
     def stop(self) -> None:
+        """Take no more requests; the loop returns once the running ones have finished."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
     def submit(self, choices: list[Choice]) -> None:
         with self.cond:
