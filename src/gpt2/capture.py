@@ -36,9 +36,10 @@ import torch
 
 def capture_enabled() -> bool:
     """Whether decoding uses the captured step: ``GPT2_CAPTURE=1``. Off by default: on this
-    project's CPU it is 3-9% faster at batch 1 and no faster batched, for 6-7 s of tracing per
-    process (24 s the first time a shape is compiled; bench/RESULTS.md), so it pays only for
-    long sessions; on GPUs, where launches dominate small steps, it is unmeasured here."""
+    project's CPU it is 10-14% faster at batch 1 in int8, 5-23% in fp32 and 2-5% a client in
+    the server, for ~9.5 s of tracing per process (31-35 s the first time a shape is compiled;
+    bench/RESULTS.md), so it pays only for long sessions; on GPUs, where launches dominate small
+    steps, it is unmeasured here."""
     return os.environ.get("GPT2_CAPTURE", "0").strip().lower() in ("1", "on", "yes", "true")
 
 
