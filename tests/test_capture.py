@@ -176,3 +176,23 @@ def test_the_server_engine_decodes_with_the_captured_step_as_eagerly(monkeypatch
     captured = serve_all(m)
     monkeypatch.setenv("GPT2_CAPTURE", "0")
     assert serve_all(m) == captured
+
+
+def test_rows_that_dropped_guesses_then_grew_their_cache_decode_as_eagerly():
+    """Speculative decoding's retract with rows keeping different numbers of guesses (holes
+    masked out), then more guesses than the buffers hold (they grow, the mask does not): the
+    captured step attends to what the eager one does, never past the positions in use."""
+    m = model()
+    with torch.inference_mode(), decode_kernels(m):
+        decoders = [Decoder(m, torch.tensor([[5, 6, 7], [8, 9, 10]]), 4, step=step)
+                    for step in (None, capture.shared_step())]
+        for d in decoders:
+            out = d.extend(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+            d.retract(3, [3, 1], torch.stack([out[0, 2], out[1, 0]]))
+            out = d.extend(torch.tensor([[7, 8, 9], [10, 11, 12]]))  # past the capacity
+            d.retract(3, [1, 3], torch.stack([out[0, 0], out[1, 2]]))
+        eager, captured = decoders
+        for _ in range(6):
+            token = eager.logits.argmax(-1)
+            torch.testing.assert_close(captured.feed(token), eager.feed(token), rtol=0,
+                                       atol=1e-5)

@@ -435,6 +435,18 @@ def test_draw_keeps_the_distribution_and_never_draws_probability_zero():
     assert _inverse_cdf(torch.tensor([[0.3, 0.7 + 1e-7]]), ends[1:]).tolist() == [1]
     again = [draw(probs.expand(50, -1), torch.Generator().manual_seed(9)) for _ in range(2)]
     assert torch.equal(*again)
+    for bad in (torch.zeros(1, 6), torch.full((1, 6), float("nan"))):
+        with pytest.raises(ValueError, match="not a distribution"):
+            draw(bad)
+
+
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    from gpt2.speculative import token_probs
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    for top_k in (0, 2):
+        assert next_token(logits, 1e-40, top_k, 1.0, torch.Generator().manual_seed(0)) == 1
+        assert token_probs(logits, 1e-40, top_k, 1.0).tolist() == [[0.0, 1.0, 0.0, 0.0]]
 
 
 def test_decoder_rows_that_join_and_leave_compute_what_each_computes_alone():

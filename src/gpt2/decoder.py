@@ -129,7 +129,10 @@ class Decoder:
             mask = (at <= self.length).expand(self.rows, -1).contiguous()
             positions = torch.full((self.rows,), self.length, device=self.device)
         else:  # left-padded rows: a position counts the row's real tokens before it
-            mask = self.mask[:, :self.capacity].contiguous()
+            # (only the positions in use: what lies past them in self.mask, or past its width
+            # after the buffers grew, is no token)
+            mask = torch.zeros((self.rows, self.capacity), dtype=torch.bool, device=self.device)
+            mask[:, :self.length + 1] = self.mask[:, :self.length + 1]
             positions = self.mask[:, :self.length].sum(1)
         index = torch.tensor([self.length], device=self.device)
         logits = self.step(self.model, tokens, positions, index, full, mask)

@@ -71,23 +71,33 @@ def _top_p_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
     return sorted_logits.masked_fill(~keep, float("-inf"))
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` shifted to a maximum of 0 (the same softmax): a temperature so
+    small that the quotient would overflow gives the argmax (ties shared), not NaN."""
+    return (logits - logits.amax(-1, keepdim=True)) / temperature
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row from probabilities [B, V] (each row summing to ~1) -> [B]: where one
     uniform number per row falls in the row's cumulative distribution (float64). The same
     distribution as ``torch.multinomial(probs, 1)``, which spends a random number on every id
     (1.1 ms a row over GPT-2's 50,257 on this project's CPU, against 0.05 ms); an id of
     probability 0 is never drawn."""
-    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64,
-                   device=probs.device)
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64  # (MPS has no f64)
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=dtype, device=probs.device)
     return _inverse_cdf(probs, u)
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The id of each row [B, V] where ``u`` [B, 1] in [0, 1) falls in its cumulative
     distribution; never one of probability 0 (were ``u`` * total to round up to the total, the
-    last id of probability > 0)."""
-    cdf = probs.double().cumsum(-1)
-    total = cdf[:, -1:]
+    last id of probability > 0). A row that is not a distribution (NaN, inf, all 0: a
+    temperature so small that the logits overflow) is a ValueError, as torch.multinomial's."""
+    cdf = probs.to(u.dtype).cumsum(-1)
+    total = cdf[:, -1:].contiguous()
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        raise ValueError("the probabilities to draw from are not a distribution (NaN, inf or "
+                         "all 0)")
     ids = torch.searchsorted(cdf, u * total, right=True)
     return torch.minimum(ids, torch.searchsorted(cdf, total)).squeeze(1)
 
@@ -101,7 +111,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = tempered(logits, temperature)
     if 0 < top_k < logits.size(-1):
         # The same distribution as masking all but the top k to -inf, drawn among k values.
         values, ids = torch.topk(logits, top_k, dim=-1)  # sorted, descending

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import Decoder
-from .sampling import draw, top_k_logits, top_p_logits
+from .sampling import draw, tempered, top_k_logits, top_p_logits
 
 
 def token_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
@@ -34,7 +34,8 @@ def token_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     ([..., V] -> [..., V]); for ``temperature`` 0 (greedy) a point mass at the argmax."""
     if temperature == 0 or top_k == 1:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return top_p_logits(top_k_logits(logits / temperature, top_k), top_p).softmax(dim=-1)
+    return top_p_logits(top_k_logits(tempered(logits, temperature), top_k), top_p).softmax(
+        dim=-1)
 
 
 def accept(guesses: list[int], target: torch.Tensor, draft: torch.Tensor | None,

@@ -93,20 +93,31 @@ def main(argv: list[str] | None = None) -> int:
                             daemon=True)
     # The model runs in this thread, the one that loaded it (Engine's docstring says why); the
     # HTTP server beside it. SIGTERM and Ctrl-C go to uvicorn as they would in this thread:
-    # stop accepting, let the running requests finish (a second Ctrl-C: stop waiting), exit 0.
-    previous = {sig: signal.signal(sig, server.handle_exit)
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    # stop accepting, let the running requests finish (a second Ctrl-C: stop waiting for the
+    # clients), exit 0; one more stops waiting for the model, too.
+    def on_signal(sig, frame) -> None:
+        if server.force_exit:
+            raise KeyboardInterrupt
+        server.handle_exit(sig, frame)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         http.start()
         engine.run()
+    except BaseException as e:  # the loop stopped for good: no request may wait for it
+        engine.abandon(f"the server stopped ({type(e).__name__})")
+        server.force_exit = True
+        raise
     finally:
         server.should_exit = True
         http.join(timeout=90)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    error = next((e for e in failed if isinstance(e, OSError)), None)
-    if error is not None:  # e.g. the port is taken
+    error = next((e for e in failed if not isinstance(e, SystemExit)), None)
+    if isinstance(error, OSError):  # e.g. the port is taken
         raise UserError(f"--port {args.port}: {error.strerror or error}")
+    if error is not None:
+        raise error
     if not server.started:
         raise UserError(f"{args.host}:{args.port}: could not listen there (in use?)")
     return 0

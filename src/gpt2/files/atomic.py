@@ -82,7 +82,7 @@ def no_space_message(path: Path, needed: int | None = None) -> str:
 
 def _no_space(path: Path, needed: int | None = None) -> str:
     try:
-        free = shutil.disk_usage(path if path.is_dir() else _existing_parent(path)).free
+        free = shutil.disk_usage(path if path.is_dir() else existing_parent(path)).free
         room = f", {free / 1e6:.0f} MB free"
     except OSError:
         room = ""
@@ -90,7 +90,8 @@ def _no_space(path: Path, needed: int | None = None) -> str:
     return f"no space left on device ({need}{room})"
 
 
-def _existing_parent(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
+    """``path``, or the nearest directory above it that exists."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path

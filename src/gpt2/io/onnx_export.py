@@ -122,14 +122,14 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike,
     require_onnx()
     from ..tokenizer.bpe import Encoder
     from ..tokenizer.files import load_encoder
-    from ..files.atomic import WriteError, write_json
+    from ..files.atomic import WriteError, existing_parent, write_json
     from .hf import export_huggingface
 
     out = Path(out_dir)
     model = unwrap(model)
     # The graph holds every weight: a disk without room for them fails now, not after tracing
     needed = sum(p.numel() for p in model.parameters()) * (2 if fp16 else 4)
-    if shutil.disk_usage(out).free < needed:
+    if shutil.disk_usage(existing_parent(out)).free < needed:
         raise WriteError(out, "no space left on device", no_space=True, needed=needed)
     config = model.config
     encoder = load_encoder(encoder_dir)

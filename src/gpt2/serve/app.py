@@ -67,7 +67,8 @@ class _Stream:
         self.loop = loop
 
     def _sink(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        if not self.loop.is_closed():  # (closed: the server stopped without waiting for it)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
 class Completions:

@@ -68,6 +68,16 @@ class Choice:
         self.sent = 0  # characters of the decoded text already sent
 
 
+def _fail(choices: list[Choice], reason: str) -> None:
+    for choice in choices:
+        if choice.finished is None:
+            choice.finished = "error"
+            try:
+                choice.sink(("error", reason))
+            except Exception:  # noqa: BLE001 (a client's own trouble must not stop the others)
+                pass
+
+
 class Engine:
     """The batch, the cache, and the thread that runs them."""
 
@@ -157,11 +167,15 @@ class Engine:
                         self._step()
                 except Exception as e:  # the model failed: tell every waiting client
                     traceback.print_exc()
-                    for choice in self.rows + joining:
-                        if choice.finished is None:
-                            choice.finished = "error"
-                            choice.sink(("error", f"{type(e).__name__}: {e}"))
+                    _fail(self.rows + joining, f"{type(e).__name__}: {e}")
                     self.rows, self.decoder = [], None
+
+    def abandon(self, reason: str) -> None:
+        """Tell every running and waiting completion that it ends in an error (the loop
+        stopped for good: no step will come)."""
+        with self.cond:
+            choices, self.rows, self.waiting = self.rows + list(self.waiting), [], deque()
+        _fail(choices, reason)
 
     def _step(self) -> None:
         """Sample one token per row, tell each client, drop the finished, feed the rest."""
