@@ -73,6 +73,7 @@ class Backend:
     compile_by_default: bool
     fused_optimizer: bool       # torch's fused Adam/AdamW kernels run there
     flex_training: bool = False  # FlexAttention trains there (the CPU: no backward, torch 2.13)
+    float64: bool = True        # float64 tensors exist there (MPS has none)
 
 
 BACKENDS = {b.type: b for b in (
@@ -85,7 +86,7 @@ BACKENDS = {b.type: b for b in (
             "https://download.pytorch.org/whl/xpu", PRECISIONS, "bf16", "xccl", "inductor",
             True, True),
     Backend("mps", "an Apple GPU (MPS)", "macOS 12.3+ on Apple silicon and torch's macOS build",
-            PRECISIONS, "fp32", None, "inductor", False, True),
+            PRECISIONS, "fp32", None, "inductor", False, True, float64=False),
     Backend("tpu", "a Google TPU (TorchTPU)",
             "TorchTPU on a TPU VM: pip install 'gpt2[tpu]'", ("fp32", "bf16"), "bf16", "tpu",
             "tpu", True, False),
@@ -94,6 +95,12 @@ BACKENDS = {b.type: b for b in (
 
 def backend_of(device: torch.device) -> Backend:
     return BACKENDS[device.type]
+
+
+def widest_float(device: torch.device) -> torch.dtype:
+    """float64 where the device has it, else float32 (for sums that must not lose ids)."""
+    backend = BACKENDS.get(device.type)
+    return torch.float64 if backend is None or backend.float64 else torch.float32
 
 
 def _accelerator() -> torch.device | None:

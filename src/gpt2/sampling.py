@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .capture import capture_enabled, shared_step
 from .decoder import Decoder
 from .kernels import decode_kernels
+from .runtime import widest_float
 
 
 def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,8 +84,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     distribution as ``torch.multinomial(probs, 1)``, which spends a random number on every id
     (1.1 ms a row over GPT-2's 50,257 on this project's CPU, against 0.05 ms); an id of
     probability 0 is never drawn."""
-    dtype = torch.float32 if probs.device.type == "mps" else torch.float64  # (MPS has no f64)
-    u = torch.rand(probs.size(0), 1, generator=generator, dtype=dtype, device=probs.device)
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=widest_float(probs.device),
+                   device=probs.device)
     return _inverse_cdf(probs, u)
 
 
