@@ -334,7 +334,9 @@ def stage_memory(args, device, report: Report, deadline: float) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             model_dir, data = write_run_inputs(root, {**shape, "n_vocab": 50257})
-            for label, flags in MEMORY_OPTIONS:
+            # --quick: the plainest and the fullest (whose flags hold the other two's)
+            options = [MEMORY_OPTIONS[0], MEMORY_OPTIONS[-1]] if args.quick else MEMORY_OPTIONS
+            for label, flags in options:
                 left = deadline - time.time()
                 if left < 30:
                     report.add(f"| {name} | {label} | skipped: time budget spent | | |")
