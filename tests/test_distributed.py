@@ -418,25 +418,33 @@ def test_torchrun_trains_chats_on_two_ranks_and_resumes(tmp_path, model_dir):
     assert (run_dir / "model-4" / "chat_template.jinja").is_file()
 
 
+DPO_FLAGS = dict(objective="dpo", reference="precomputed", val_every=2, val_fraction=0.25,
+                 batch_size=1)
+
+
 def test_fsdp_dpo_with_stored_reference_log_probs_resumes(tmp_path, model_dir):
     """DPO under FSDP: the reference log-probs computed once (every rank runs the sharded
-    forwards), kept in the checkpoint, read back on a resume; the other references are refused
-    with one line."""
+    forwards), kept in the checkpoint, read back on a resume."""
     from test_preference import upper_pairs, write_jsonl
 
     data = write_jsonl(tmp_path / "prefs.jsonl", upper_pairs(24))
-    flags = dict(objective="dpo", reference="precomputed", val_every=2, val_fraction=0.25,
-                 batch_size=1)
-    ok(torchrun(args(data, model_dir, "--fsdp", max_steps=2, **flags), tmp_path))
-    out = ok(torchrun(args(data, model_dir, "--fsdp", max_steps=4, **flags), tmp_path))
+    ok(torchrun(args(data, model_dir, "--fsdp", max_steps=2, **DPO_FLAGS), tmp_path))
+    out = ok(torchrun(args(data, model_dir, "--fsdp", max_steps=4, **DPO_FLAGS), tmp_path))
     assert "Computing the reference" not in out
     run_dir = tmp_path / "checkpoint" / "run1"
     assert (run_dir / "model-4" / "reference_logps.safetensors").is_file()
     steps = [m for m in metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all(math.isfinite(m["rewards/margins"]) for m in steps)
+
+
+@pytest.mark.slow  # (a third two-rank launch; the default suite's time is short)
+def test_fsdp_refuses_a_whole_reference_copy_with_one_line(tmp_path, model_dir):
+    from test_preference import upper_pairs, write_jsonl
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", upper_pairs(8))
     refused = torchrun(args(data, model_dir, "--fsdp", max_steps=1, run_name="copy",
-                            **{**flags, "reference": "copy"}), tmp_path)
+                            **{**DPO_FLAGS, "reference": "copy"}), tmp_path)
     assert refused.returncode != 0 and "--reference copy: a whole copy" in refused.stderr
 
 
