@@ -3,6 +3,7 @@ time, and a soak of streaming clients with the server's memory watched.
 
     python bench/serve.py                      # 124M shape, concurrency 1, 4, 16, 64
     python bench/serve.py --soak 60            # + 64 streaming clients for 60 s
+    python bench/serve.py --capture_rounds 2 --dtype int8   # servers without/with GPT2_CAPTURE
 
 The model is GPT-2 124M's shape with random weights and GPT-2's real vocabulary (rebuilt offline,
 tests/gpt2_vocab.py), served by ``gpt2 serve`` in its own process on loopback; the clients are

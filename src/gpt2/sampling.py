@@ -80,10 +80,10 @@ def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row from probabilities [B, V] (each row summing to ~1) -> [B]: where one
-    uniform number per row falls in the row's cumulative distribution (float64). The same
-    distribution as ``torch.multinomial(probs, 1)``, which spends a random number on every id
-    (1.1 ms a row over GPT-2's 50,257 on this project's CPU, against 0.05 ms); an id of
-    probability 0 is never drawn."""
+    uniform number per row falls in the row's cumulative distribution (float64 where the
+    device has it). The same distribution as ``torch.multinomial(probs, 1)``, which spends a
+    random number on every id (1.1 ms a row over GPT-2's 50,257 on this project's CPU, against
+    0.05 ms); an id of probability 0 is never drawn."""
     u = torch.rand(probs.size(0), 1, generator=generator, dtype=widest_float(probs.device),
                    device=probs.device)
     return _inverse_cdf(probs, u)

@@ -8,10 +8,11 @@
 One thread owns the model: ``gpt2 serve`` runs it in its main thread, the one that loaded the
 model, and the HTTP server beside it. (A second thread computing after the first one did holds
 a second OpenMP thread pool: with more pool threads than cores, libgomp stops spinning between
-parallel regions and each wakes through the kernel, ~30% of a batch-1 token on 2 cores.) Between two steps it admits waiting choices (each prompt runs once
-to fill its cache, then joins the batch) and drops finished or abandoned ones; each step samples
-one token per row, with the row's own settings and random stream, and feeds them back in one
-forward. The cache and the model calls are :class:`gpt2.sampling.Decoder` (rows of different
+parallel regions and each wakes through the kernel, ~30% of a batch-1 token on 2 cores.)
+
+Between two steps the loop admits waiting choices (each prompt runs once to fill its cache,
+then joins the batch) and drops finished or abandoned ones; each step samples one token per
+row, with the row's own settings and random stream, and feeds them back in one forward. The cache and the model calls are :class:`gpt2.sampling.Decoder` (rows of different
 lengths share it left-padded, the padding masked out), sampling is
 :func:`gpt2.sampling.next_token`: the loop every command decodes with, scheduled by requests.
 """
